@@ -1,0 +1,212 @@
+"""Validated configuration dataclasses.
+
+`StudentConfig` alone is enough to rebuild a student (it is stored in `metadata.json` under
+`architecture` + `snn_config`, like litgpt's `model_config.yaml`). Every range check raises
+`ValueError` whose message says how to fix the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ARCHITECTURE_VERSION = "v2.0"
+SURROGATES = ("sigmoid", "fast_sigmoid", "triangular", "arctan")
+STUDENT_TYPES = ("snn", "ann")
+SCHEDULERS = ("constant", "cosine", "linear")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class StudentConfig:
+    """Shape and neuron settings of a student; `SpikingStudentLM(cfg)` rebuilds it exactly."""
+
+    vocab_size: int
+    dim: int = 128
+    depth: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: same as num_heads (plain multi-head attention)
+    mlp_ratio: float = 4.0
+    max_seq_len: int = 2048  # longest context served; RoPE itself has no hard limit
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    student_type: str = "snn"  # "snn" (LIF neurons over T timesteps) or "ann" (same shape, GELU)
+    num_timesteps: int = 4
+    surrogate: str = "sigmoid"
+    surrogate_slope: float | None = None  # None: the surrogate's documented default
+    threshold: float = 1.0
+    decay: float = 0.5  # membrane leak beta: u[t] = beta * u[t-1] + I[t] - threshold * s[t-1]
+    fused_lif: bool = True
+    gradient_checkpointing: bool = False
+    qat_int8: bool = False  # fake-quantize linear weights (per-channel symmetric int8) while training
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        _check(self.dim >= 1, f"--student-dim must be positive, got {self.dim}")
+        _check(self.depth >= 1, f"--student-depth must be positive, got {self.depth}")
+        _check(self.num_heads >= 1, f"--student-heads must be positive, got {self.num_heads}")
+        _check(
+            self.dim % self.num_heads == 0,
+            f"--student-dim ({self.dim}) must be divisible by --student-heads ({self.num_heads}); "
+            "pick heads that divide the width",
+        )
+        _check(
+            (self.dim // self.num_heads) % 2 == 0,
+            f"head size dim/heads = {self.dim // self.num_heads} must be even for rotary embeddings; "
+            "change --student-dim or --student-heads",
+        )
+        _check(
+            1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
+            f"num_kv_heads ({self.num_kv_heads}) must divide --student-heads ({self.num_heads})",
+        )
+        _check(self.mlp_ratio > 0, f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        _check(self.max_seq_len >= 1, f"max_seq_len must be positive, got {self.max_seq_len}")
+        _check(
+            self.student_type in STUDENT_TYPES,
+            f"student type must be one of {', '.join(STUDENT_TYPES)}, got {self.student_type!r}",
+        )
+        _check(
+            1 <= self.num_timesteps <= 256,
+            f"--snn-timesteps must be in 1..256, got {self.num_timesteps}",
+        )
+        _check(
+            self.surrogate in SURROGATES,
+            f"--snn-surrogate must be one of {', '.join(SURROGATES)}, got {self.surrogate!r}",
+        )
+        _check(
+            self.surrogate_slope is None or self.surrogate_slope > 0,
+            f"surrogate slope must be positive, got {self.surrogate_slope}",
+        )
+        _check(self.threshold > 0, f"--snn-threshold must be positive (try 0.5-1.5), got {self.threshold}")
+        _check(0.0 <= self.decay <= 1.0, f"membrane decay must be in [0, 1], got {self.decay}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return int(round(self.dim * self.mlp_ratio))
+
+    @property
+    def spiking(self) -> bool:
+        return self.student_type == "snn"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    # The spec's metadata splits the config in two sections; these keep their spec names.
+    def architecture_dict(self) -> dict[str, Any]:
+        d = self.to_dict()
+        for k in ("num_timesteps", "surrogate", "surrogate_slope", "threshold", "decay", "fused_lif"):
+            d.pop(k)
+        return d
+
+    def snn_config_dict(self) -> dict[str, Any]:
+        return {
+            "num_timesteps": self.num_timesteps,
+            "surrogate_type": self.surrogate,
+            "spike_threshold": self.threshold,
+            "surrogate_slope": self.surrogate_slope,
+            "decay": self.decay,
+            "fused_lif": self.fused_lif,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> StudentConfig:
+        """Rebuild from a `metadata.json` dict (its `architecture`, `snn_config`, `vocab_size`)."""
+        arch = dict(meta.get("architecture") or {})
+        snn = dict(meta.get("snn_config") or {})
+        if "vocab_size" not in arch and "vocab_size" in meta:
+            arch["vocab_size"] = meta["vocab_size"]
+        _check("vocab_size" in arch, "metadata has no vocab_size; it cannot describe a student")
+        renames = {"surrogate_type": "surrogate", "spike_threshold": "threshold"}
+        for k, v in snn.items():
+            arch[renames.get(k, k)] = v
+        return cls.from_dict(arch)
+
+
+@dataclass
+class TrainConfig:
+    """Everything the distillation loop needs besides the student shape; mirrors the CLI flags."""
+
+    teacher_model: str
+    dataset: str = "synthetic"
+    dataset_path: str | None = None
+    output_dir: str = "artifacts/snn_student"
+    num_steps: int = 100
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_length: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    log_interval: int = 5
+    eval_interval: int = 0
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "auto"
+    kd_loss: str = "forward_kl"
+    hard_label_weight: float = 0.0
+    pack: bool = False
+    held_out_fraction: float = 0.05
+    loss_chunk_tokens: int = 1024
+    teacher_cache: str | None = None
+    teacher_cache_topk: int = 64
+    teacher_dtype: str = "auto"
+    teacher_device: str | None = None
+    git_tracking: bool = True
+    export_onnx: bool = False
+    checkpoint_every: int = 0
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.teacher_model), "--teacher-model is required (a Hub id, a folder or a .gguf file)")
+        _check(self.num_steps >= 1, f"--num-steps must be positive, got {self.num_steps}")
+        _check(self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}")
+        _check(self.grad_accum_steps >= 1, f"--grad-accum-steps must be positive, got {self.grad_accum_steps}")
+        _check(self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}")
+        _check(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        _check(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
+        _check(self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}")
+        _check(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        _check(self.log_interval >= 0, f"--log-interval must be >= 0 (0 disables), got {self.log_interval}")
+        _check(self.eval_interval >= 0, f"--eval-interval must be >= 0 (0: only at the end), got {self.eval_interval}")
+        _check(self.kd_loss in KD_LOSSES, f"--kd-loss must be one of {', '.join(KD_LOSSES)}")
+        _check(
+            0.0 <= self.hard_label_weight <= 1.0,
+            f"--hard-label-weight must be in [0, 1], got {self.hard_label_weight}",
+        )
+        _check(
+            0.0 <= self.held_out_fraction < 0.5,
+            f"held-out fraction must be in [0, 0.5), got {self.held_out_fraction}",
+        )
+        _check(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.loss_chunk_tokens >= 1, "loss chunk size must be positive")
+        _check(self.teacher_cache_topk >= 1, f"--teacher-cache-topk must be positive, got {self.teacher_cache_topk}")
+        _check(
+            self.teacher_dtype in ("auto", "float32", "bfloat16", "float16"),
+            "--teacher-dtype must be auto, float32, bfloat16 or float16",
+        )
+        _check(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
