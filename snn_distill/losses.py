@@ -1,0 +1,227 @@
+"""Distillation losses, computed in chunks of tokens straight from the student's hidden states.
+
+A step over N tokens with a V-word vocabulary would normally hold several [N, V] tensors for the
+backward pass (logits, log-softmax, probabilities, their gradients). `chunked_distill_loss` instead
+projects a chunk of tokens to logits, computes the loss and its gradient w.r.t. those logits at once,
+and immediately folds that gradient back into d(hidden) and d(lm_head weight) (the idea of fused
+linear-cross-entropy kernels); only one [chunk, V] block lives at a time, and the autograd backward
+just scales the stored gradients.
+
+Targets from the teacher are either full log-probabilities [N, V] (a live teacher), or the top-k
+log-probabilities with indices [N, k] from the logit cache. With top-k targets the teacher keeps the
+remaining probability mass r_t = 1 - sum(top-k) as one "tail" bin, and the student's tail is
+r_s = 1 - sum of its own probabilities on those k words: the KL is taken between these (k+1)-bin
+distributions. That is exact for the coarse-grained distributions and never exceeds the full KL
+(data-processing inequality), so it under-counts disagreement inside the tail; its gradient equals
+forward KL against a teacher whose tail mass is spread like the student's own tail. Plain top-k
+truncation (renormalising the k words and dropping the tail) would instead overstate the teacher's
+confidence in the top words, worst where the teacher is uncertain.
+
+Every loss is multiplied by T^2 (Hinton et al.) so gradient magnitudes do not shrink with the
+temperature, and weighted per token, so that the caller can normalise by the number of real tokens
+of a whole accumulated batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass
+class TeacherTargets:
+    """Teacher's side of the loss for N tokens.
+
+    Full: `logprobs` [N, V] = log_softmax(teacher_logits / T), `indices` None.
+    Top-k: `logprobs` [N, k] and `indices` [N, k] (int64), tail mass implied.
+    """
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor | None = None
+
+    def __getitem__(self, sl: slice) -> TeacherTargets:
+        return TeacherTargets(self.logprobs[sl], None if self.indices is None else self.indices[sl])
+
+    def to(self, device: torch.device | str) -> TeacherTargets:
+        idx = None if self.indices is None else self.indices.to(device)
+        return TeacherTargets(self.logprobs.to(device), idx)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable on both ends."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _binned(student_logp: torch.Tensor, targets: TeacherTargets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs over the bins the teacher describes: [n, V] or [n, k+1]."""
+    if targets.indices is None:
+        return student_logp, targets.logprobs.float()
+    s_top = student_logp.gather(1, targets.indices)
+    t_top = targets.logprobs.float()
+    s_tail = _log1mexp(torch.logsumexp(s_top, dim=1, keepdim=True))
+    t_tail = _log1mexp(torch.logsumexp(t_top, dim=1, keepdim=True))
+    return torch.cat([s_top, s_tail], 1), torch.cat([t_top, t_tail], 1)
+
+
+def kd_per_token(
+    student_logits: torch.Tensor, targets: TeacherTargets, kind: str, temperature: float
+) -> torch.Tensor:
+    """Reference distillation loss per token (differentiable, T^2-scaled). logits [n, V] -> [n]."""
+    s_logp, t_logp = _binned(F.log_softmax(student_logits.float() / temperature, dim=-1), targets)
+    if kind == "forward_kl":
+        loss = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    elif kind == "reverse_kl":
+        loss = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    elif kind == "jsd":
+        m_logp = torch.logaddexp(s_logp, t_logp) - torch.log(torch.tensor(2.0, device=s_logp.device))
+        loss = 0.5 * (t_logp.exp() * (t_logp - m_logp)).sum(-1) + 0.5 * (s_logp.exp() * (s_logp - m_logp)).sum(-1)
+    else:
+        raise ValueError(f"unknown kd loss {kind!r}; choose one of {', '.join(KD_KINDS)}")
+    return loss * temperature**2
+
+
+def _chunk_loss_and_grad(
+    z: torch.Tensor,
+    targets: TeacherTargets,
+    labels: torch.Tensor | None,
+    tok_w: torch.Tensor,
+    ce_w: torch.Tensor | None,
+    kind: str,
+    temperature: float,
+    hard_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss sums and d(loss)/dz for one chunk of fp32 logits z [n, V].
+
+    Forward KL (the default) and cross-entropy have closed-form gradients (softmax minus target),
+    which saves the autograd bookkeeping on the hot path; the other divergences use local autograd.
+    """
+    kd_scale = 1.0 - hard_weight
+    if kind == "forward_kl":
+        s_logp = F.log_softmax(z / temperature, dim=-1)
+        p_s = s_logp.exp()
+        if targets.indices is None:
+            t_logp = targets.logprobs.float()
+            p_t = t_logp.exp()
+            kd = (p_t * (t_logp - s_logp)).sum(-1)
+            q = p_t
+        else:
+            s_b, t_b = _binned(s_logp, targets)
+            kd = (t_b.exp() * (t_b - s_b)).sum(-1)
+            # Gradient target: teacher's top-k probabilities, its tail mass spread like the student's tail.
+            ratio = (t_b[:, -1] - s_b[:, -1]).exp()
+            q = p_s * ratio[:, None]
+            q.scatter_(1, targets.indices, targets.logprobs.float().exp())
+        kd = kd * temperature**2
+        grad = (p_s - q) * (temperature * kd_scale * tok_w)[:, None]
+    else:
+        with torch.enable_grad():
+            zz = z.detach().requires_grad_()
+            kd = kd_per_token(zz, targets, kind, temperature)
+            (grad,) = torch.autograd.grad((kd * tok_w).sum() * kd_scale, zz)
+        kd = kd.detach()
+    kd_sum = (kd * tok_w).sum()
+    ce_sum = z.new_zeros(())
+    if hard_weight > 0 and labels is not None:
+        logp = F.log_softmax(z, dim=-1)
+        valid = labels >= 0
+        safe = labels.clamp_min(0)
+        ce = -logp.gather(1, safe[:, None]).squeeze(1) * valid
+        ce_sum = (ce * ce_w).sum()
+        g = logp.exp()
+        g[torch.arange(z.shape[0], device=z.device), safe] -= valid.to(g.dtype)
+        grad += g * (hard_weight * ce_w)[:, None]
+    total = kd_scale * kd_sum + hard_weight * ce_sum
+    return total, kd_sum, ce_sum, grad
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, t_logprobs, t_indices, labels, tok_w, ce_w, kind, temperature, hard_weight, chunk):
+        targets = TeacherTargets(t_logprobs, t_indices)
+        n = hidden.shape[0]
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        kd_total = total.clone()
+        ce_total = total.clone()
+        w32 = weight.float()
+        for i in range(0, n, chunk):
+            sl = slice(i, min(i + chunk, n))
+            h = hidden[sl].float()
+            z = h @ w32.t()  # [c, V]
+            lab = None if labels is None else labels[sl]
+            cw = None if ce_w is None else ce_w[sl]
+            t, kd, ce, g = _chunk_loss_and_grad(z, targets[sl], lab, tok_w[sl], cw, kind, temperature, hard_weight)
+            total += t
+            kd_total += kd
+            ce_total += ce
+            if grad_h is not None:
+                grad_h[sl] = (g @ w32).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        ctx.mark_non_differentiable(kd_total, ce_total)
+        return total, kd_total, ce_total
+
+    @staticmethod
+    def backward(ctx, g_total, _g_kd, _g_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * g_total
+        gw = None if grad_w is None else grad_w * g_total
+        return gh, gw, None, None, None, None, None, None, None, None, None
+
+
+def chunked_distill_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: TeacherTargets,
+    tok_w: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ce_w: torch.Tensor | None = None,
+    hard_weight: float = 0.0,
+    chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted distillation loss over N tokens without materialising [N, V] for the backward.
+
+    hidden [N, D] (requires grad), weight [V, D] (LM head), targets for the same N tokens,
+    tok_w [N] per-token weights for the KD term (e.g. 1 / total real tokens of the step),
+    labels [N] next-token ids (-1 where none) with ce_w [N] weights for the hard-label term.
+    Returns (loss, kd_sum, ce_sum): loss = (1 - hard_weight) * kd_sum + hard_weight * ce_sum,
+    where kd_sum and ce_sum are the weighted sums (for logging).
+    """
+    if kind not in KD_KINDS:
+        raise ValueError(f"unknown kd loss {kind!r}; choose one of {', '.join(KD_KINDS)}")
+    if hard_weight > 0 and (labels is None or ce_w is None):
+        raise ValueError("hard_weight > 0 needs labels and ce_w")
+    return _ChunkedDistill.apply(
+        hidden, weight, targets.logprobs, targets.indices, labels, tok_w, ce_w, kind, float(temperature),
+        float(hard_weight), int(chunk),
+    )
+
+
+def reference_distill_loss(
+    logits: torch.Tensor,
+    targets: TeacherTargets,
+    tok_w: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ce_w: torch.Tensor | None = None,
+    hard_weight: float = 0.0,
+) -> torch.Tensor:
+    """The same loss written plainly over full logits [N, V] (tests and small-vocabulary checks)."""
+    loss = (1 - hard_weight) * (kd_per_token(logits, targets, kind, temperature) * tok_w).sum()
+    if hard_weight > 0:
+        valid = labels >= 0
+        ce = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none") * valid
+        loss = loss + hard_weight * (ce * ce_w).sum()
+    return loss

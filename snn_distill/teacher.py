@@ -1,0 +1,165 @@
+"""Load a frozen teacher: a Hugging Face Hub id, a local model folder, or a local `.gguf` file.
+
+GGUF files are dequantised by transformers on every load (tens of seconds even for a 135M model),
+and a GGUF-loaded model refuses `save_pretrained`; so the first load copies the weights into a
+plain model of the same config and caches that folder (with its tokenizer) under the cache dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class TeacherError(RuntimeError):
+    """A teacher that cannot be loaded; the message says why and what to do."""
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    vocab_size: int  # logit width, which can exceed len(tokenizer) (Qwen2.5: 151936 vs 151665)
+    source: str  # "hub", "folder" or "gguf"
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids/attention_mask [B, S] -> logits [B, S, V] in the teacher's dtype."""
+        dev = next(self.model.parameters()).device
+        out = self.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False)
+        return out.logits
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SNN_DISTILL_CACHE", Path.home() / ".cache" / "snn_distill"))
+
+
+@contextmanager
+def quiet_transformers():
+    """Fold transformers' own loading bars and warnings away; our logging reports instead."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        import huggingface_hub.utils as hub_utils
+
+        hub_utils.disable_progress_bars()
+    except Exception:  # noqa: BLE001 - optional nicety
+        pass
+    try:
+        yield transformers
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def _materialise_gguf(path: Path) -> Path:
+    """Dequantise a .gguf once into a plain HF folder (model + tokenizer); return that folder."""
+    target = _gguf_cache_dir(path)
+    if (target / "config.json").exists():
+        return target
+    log.info("dequantising %s once (cached in %s)", path.name, target)
+    with quiet_transformers() as tf:
+        try:
+            tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            gmodel = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        except ImportError as e:
+            raise TeacherError(f"loading {path.name} needs the gguf package: pip install gguf ({e})") from e
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad file for the user
+            raise TeacherError(f"cannot read GGUF file {path}: {e}") from e
+        plain = tf.AutoModelForCausalLM.from_config(gmodel.config)
+        plain.load_state_dict(gmodel.state_dict())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / "config.json").exists():
+                raise
+    return target
+
+
+def load_teacher(
+    name_or_path: str,
+    device: torch.device | str = "cpu",
+    dtype: str = "auto",
+    revision: str | None = None,
+) -> Teacher:
+    """Load a causal LM teacher in eval mode with every parameter frozen."""
+    device = torch.device(device)
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TeacherError(f"teacher GGUF file {path} does not exist; check the path")
+        load_from, source = str(_materialise_gguf(path)), "gguf"
+    elif path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise TeacherError(
+                f"teacher path {path} is not a model folder (no config.json); pass a Hugging Face model "
+                "folder, a .gguf file or a Hub id"
+            )
+        load_from, source = str(path), "folder"
+    else:
+        load_from, source = name_or_path, "hub"
+    torch_dtype = resolve_dtype(dtype, device)
+    with quiet_transformers() as tf:
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(load_from, revision=revision)
+            model = tf.AutoModelForCausalLM.from_pretrained(load_from, revision=revision, dtype=torch_dtype)
+        except OSError as e:
+            if source == "hub":
+                raise TeacherError(
+                    f"teacher {name_or_path!r} is not a local path and could not be fetched from the Hugging "
+                    "Face Hub (offline, misspelt, or gated: run `hf auth login` for gated models); pass a local "
+                    "folder or .gguf file"
+                ) from e
+            raise TeacherError(f"cannot load teacher from {load_from}: {str(e).splitlines()[0]}") from e
+        except ValueError as e:
+            raise TeacherError(f"{name_or_path!r} is not a causal language model: {str(e).splitlines()[0]}") from e
+    model.to(device).eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of every loss, so any id works; EOS is the usual choice.
+        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
+        if fallback is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        else:
+            tokenizer.pad_token = fallback
+    out_emb = model.get_output_embeddings()
+    vocab = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= vocab:
+        raise TeacherError(f"tokenizer pad id {tokenizer.pad_token_id} is outside the teacher's {vocab} logits")
+    return Teacher(model=model, tokenizer=tokenizer, name=name_or_path, vocab_size=vocab, source=source)
