@@ -125,7 +125,9 @@ def save_artifacts(
             for f in Path(tmp).iterdir():
                 if f.is_file():
                     os.replace(f, out / f.name)
-    digest = atomic_torch_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, out / STUDENT_FILE)
+    digest = atomic_torch_save(
+        {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, out / STUDENT_FILE
+    )
     metadata = dict(metadata)
     metadata.setdefault("files", {})[STUDENT_FILE] = {"sha256": digest}
     atomic_write_json(out / METADATA_FILE, metadata)
@@ -147,7 +149,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"metadata file {path} is not valid JSON ({e}); re-run training or restore it") from e
+        raise ArtifactError(
+            f"metadata file {path} is not valid JSON ({e}); re-run training or restore it"
+        ) from e
     if not isinstance(meta, dict):
         raise ArtifactError(f"metadata file {path} holds a {type(meta).__name__}, not a JSON object")
     return meta
@@ -204,10 +208,12 @@ def build_student(metadata: dict[str, Any], state_dict: dict[str, Any]):
             f"weights do not match the metadata's architecture: missing {missing[:4]}, unexpected {unexpected[:4]}"
         )
     for k, v in expected.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            what = "vocabulary" if k in ("embed.weight", "lm_head.weight") else "shape"
+        got = tuple(state_dict[k].shape)
+        if got != tuple(v.shape):
+            vocab_rows = k in ("embed.weight", "lm_head.weight") and got[0] != v.shape[0]
+            what = "vocabulary" if vocab_rows else "shape"
             raise ArtifactError(
-                f"{what} mismatch for {k}: weights have {tuple(state_dict[k].shape)}, metadata implies "
+                f"{what} mismatch for {k}: weights have {got}, metadata implies "
                 f"{tuple(v.shape)} (vocab_size={cfg.vocab_size}, dim={cfg.dim}); use the metadata.json of the same run"
             )
     model.load_state_dict(state_dict)

@@ -54,12 +54,19 @@ def _positive_int(s: str) -> int:
 
 def build_train_parser(prog: str = "train_snn_student.py") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Distil a Hugging Face causal LM into a spiking student.")
-    p.add_argument("--config", help="JSON or YAML file of flags (a previous run's metadata.json works); "
-                   "command-line flags override it")
+    p.add_argument(
+        "--config",
+        help="JSON or YAML file of flags (a previous run's metadata.json works); "
+        "command-line flags override it",
+    )
     g = p.add_argument_group("basic training")
     g.add_argument("--teacher-model", help="Hugging Face causal LM id, local folder or .gguf file (required)")
-    g.add_argument("--dataset", default="synthetic", help="'synthetic', a datasets id (wikitext-2, tinystories, "
-                   "name:config), a save_to_disk folder, or a .txt/.jsonl file")
+    g.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="'synthetic', a datasets id (wikitext-2, tinystories, "
+        "name:config), a save_to_disk folder, or a .txt/.jsonl file",
+    )
     g.add_argument("--dataset-path", help="plain-text prompts file, one prompt per line")
     g.add_argument("--output-dir", default="artifacts/snn_student")
     g.add_argument("--num-steps", type=_positive_int, default=100)
@@ -78,17 +85,25 @@ def build_train_parser(prog: str = "train_snn_student.py") -> argparse.ArgumentP
     g.add_argument("--held-out-fraction", type=float, default=0.05)
     g = p.add_argument_group("loss")
     g.add_argument("--kd-loss", choices=KD_LOSSES, default="forward_kl")
-    g.add_argument("--hard-label-weight", type=float, default=0.0, help="weight of next-token cross-entropy (0-1)")
+    g.add_argument(
+        "--hard-label-weight", type=float, default=0.0, help="weight of next-token cross-entropy (0-1)"
+    )
     g.add_argument("--loss-chunk-tokens", type=_positive_int, default=1024)
     g = p.add_argument_group("student")
-    g.add_argument("--student-type", choices=STUDENT_TYPES, default="snn",
-                   help="snn: spiking student; ann: identically shaped non-spiking baseline")
+    g.add_argument(
+        "--student-type",
+        choices=STUDENT_TYPES,
+        default="snn",
+        help="snn: spiking student; ann: identically shaped non-spiking baseline",
+    )
     g.add_argument("--student-dim", type=_positive_int, default=128)
     g.add_argument("--student-depth", type=_positive_int, default=2)
     g.add_argument("--student-heads", type=_positive_int, default=4)
     g.add_argument("--student-kv-heads", type=_positive_int, default=None, help="grouped-query attention")
     g.add_argument("--mlp-ratio", type=float, default=4.0)
-    g.add_argument("--max-seq-len", type=_positive_int, default=2048, help="longest context the student serves")
+    g.add_argument(
+        "--max-seq-len", type=_positive_int, default=2048, help="longest context the student serves"
+    )
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--qat", choices=("none", "int8"), default="none", help="quantization-aware training")
     g = p.add_argument_group("SNN")
@@ -185,8 +200,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, 
 
 
 def setup_logging(quiet: bool = False) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr,
-                        force=True)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
+    )
     import warnings
 
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
@@ -198,8 +214,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .distill import TrainingError
     from .teacher import TeacherError
 
-    errors: list[type[BaseException]] = [UserError, ValueError, ArtifactError, DataError, TeacherError,
-                                         TrainingError, FileNotFoundError]
+    errors: list[type[BaseException]] = [
+        UserError,
+        ValueError,
+        ArtifactError,
+        DataError,
+        TeacherError,
+        TrainingError,
+        FileNotFoundError,
+    ]
     try:
         from .export.onnx import ExportError
 
@@ -239,9 +262,11 @@ def _train(args: argparse.Namespace) -> None:
     )
     ev = run.metadata.get("evaluation")
     if ev:
-        print(f"held-out: KL(teacher||student) {ev['kl_teacher_student']:.4f}, top-1 agreement "
-              f"{ev['top1_agreement']:.3f}, student ppl {ev['student_perplexity']:.2f}, "
-              f"teacher ppl {ev['teacher_perplexity']:.2f}")
+        print(
+            f"held-out: KL(teacher||student) {ev['kl_teacher_student']:.4f}, top-1 agreement "
+            f"{ev['top1_agreement']:.3f}, student ppl {ev['student_perplexity']:.2f}, "
+            f"teacher ppl {ev['teacher_perplexity']:.2f}"
+        )
     print(f"artifacts: {run.paths['student']} {run.paths['metadata']}")
     if cfg.export_onnx:
         from .export.onnx import export_onnx
@@ -278,9 +303,14 @@ def export_main(argv: list[str] | None = None, prog: str = "export_snn_to_onnx.p
         from .export.onnx import export_onnx
 
         result = export_onnx(
-            args.model_path, args.metadata_path, args.output_path, opset=args.opset,
-            quantize=None if args.quantize == "none" else args.quantize, decode_graph=args.decode_graph,
-            ort=args.ort, verify=not args.no_verify,
+            args.model_path,
+            args.metadata_path,
+            args.output_path,
+            opset=args.opset,
+            quantize=None if args.quantize == "none" else args.quantize,
+            decode_graph=args.decode_graph,
+            ort=args.ort,
+            verify=not args.no_verify,
         )
         for k, v in result.items():
             print(f"{k}: {v}")
@@ -291,7 +321,9 @@ def export_main(argv: list[str] | None = None, prog: str = "export_snn_to_onnx.p
 def build_generate_parser(prog: str = "snn-distill generate") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Generate text from a trained student (streams to stdout).")
     p.add_argument("prompt")
-    p.add_argument("--artifacts", default="artifacts/snn_student", help="folder holding student.pt + metadata.json")
+    p.add_argument(
+        "--artifacts", default="artifacts/snn_student", help="folder holding student.pt + metadata.json"
+    )
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -316,8 +348,14 @@ def generate_main(argv: list[str] | None = None, prog: str = "snn-distill genera
             from .backends.snn import SNNLLMBackend
 
             backend = SNNLLMBackend(model_path=str(art / "student.pt"), strict=args.strict)
-        for piece in backend.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        for piece in backend.stream(
+            args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        ):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -337,6 +375,8 @@ COMMANDS = {"train": train_main, "export": export_main, "generate": generate_mai
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: snn-distill {{{','.join(COMMANDS)}}} ... (got {argv[:1] or 'nothing'})", file=sys.stderr)
+        print(
+            f"usage: snn-distill {{{','.join(COMMANDS)}}} ... (got {argv[:1] or 'nothing'})", file=sys.stderr
+        )
         return 2
     return COMMANDS[argv[0]](argv[1:], prog=f"snn-distill {argv[0]}")

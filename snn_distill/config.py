@@ -182,14 +182,19 @@ class TrainConfig:
         _check(bool(self.teacher_model), "--teacher-model is required (a Hub id, a folder or a .gguf file)")
         _check(self.num_steps >= 1, f"--num-steps must be positive, got {self.num_steps}")
         _check(self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}")
-        _check(self.grad_accum_steps >= 1, f"--grad-accum-steps must be positive, got {self.grad_accum_steps}")
+        _check(
+            self.grad_accum_steps >= 1, f"--grad-accum-steps must be positive, got {self.grad_accum_steps}"
+        )
         _check(self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}")
         _check(self.lr > 0, f"--lr must be positive, got {self.lr}")
         _check(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
         _check(self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}")
         _check(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         _check(self.log_interval >= 0, f"--log-interval must be >= 0 (0 disables), got {self.log_interval}")
-        _check(self.eval_interval >= 0, f"--eval-interval must be >= 0 (0: only at the end), got {self.eval_interval}")
+        _check(
+            self.eval_interval >= 0,
+            f"--eval-interval must be >= 0 (0: only at the end), got {self.eval_interval}",
+        )
         _check(self.kd_loss in KD_LOSSES, f"--kd-loss must be one of {', '.join(KD_LOSSES)}")
         _check(
             0.0 <= self.hard_label_weight <= 1.0,
@@ -199,9 +204,14 @@ class TrainConfig:
             0.0 <= self.held_out_fraction < 0.5,
             f"held-out fraction must be in [0, 0.5), got {self.held_out_fraction}",
         )
-        _check(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
+        _check(
+            self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"
+        )
         _check(self.loss_chunk_tokens >= 1, "loss chunk size must be positive")
-        _check(self.teacher_cache_topk >= 1, f"--teacher-cache-topk must be positive, got {self.teacher_cache_topk}")
+        _check(
+            self.teacher_cache_topk >= 1,
+            f"--teacher-cache-topk must be positive, got {self.teacher_cache_topk}",
+        )
         _check(
             self.teacher_dtype in ("auto", "float32", "bfloat16", "float16"),
             "--teacher-dtype must be auto, float32, bfloat16 or float16",

@@ -597,6 +597,10 @@ def split_held_out(texts: list[str], fraction: float, seed: int) -> tuple[list[s
 # ----------------------------------------------------------------------------------------------
 
 
+# Only input_ids are used; skipping the masks trims ~20% off the tokenizer call for large corpora.
+_IDS_ONLY = {"return_attention_mask": False, "return_token_type_ids": False}
+
+
 def tokenize_texts(texts: list[str], tokenizer: Any, max_length: int, pack: bool = False) -> list[list[int]]:
     """Token-id blocks of at most `max_length` tokens from one batched tokenizer call.
 
@@ -609,10 +613,12 @@ def tokenize_texts(texts: list[str], tokenizer: Any, max_length: int, pack: bool
     if not texts:
         return []
     if not pack:
-        enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)
+        enc = tokenizer(
+            list(texts), add_special_tokens=True, truncation=True, max_length=max_length, **_IDS_ONLY
+        )
         return [list(ids) for ids in enc["input_ids"] if len(ids) >= 2]
     # verbose=False: long documents are expected here; they get cut into blocks, not truncated.
-    enc = tokenizer(list(texts), add_special_tokens=False, verbose=False)
+    enc = tokenizer(list(texts), add_special_tokens=False, verbose=False, **_IDS_ONLY)
     eos = getattr(tokenizer, "eos_token_id", None)
     sep = [eos] if eos is not None else []
     flat: list[int] = []
@@ -624,6 +630,30 @@ def tokenize_texts(texts: list[str], tokenizer: Any, max_length: int, pack: bool
     if blocks and len(blocks[-1]) < 2:
         blocks.pop()
     return blocks
+
+
+def pad_batch(blocks: Sequence[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (input_ids [B, S] int64, attention_mask [B, S] int64), S = longest."""
+    pad = 0 if pad_id is None else pad_id
+    seq = max(len(b) for b in blocks)
+    input_ids = torch.full((len(blocks), seq), pad, dtype=torch.long)
+    mask = torch.zeros((len(blocks), seq), dtype=torch.long)
+    for row, block in enumerate(blocks):
+        input_ids[row, : len(block)] = torch.tensor(block, dtype=torch.long)
+        mask[row, : len(block)] = 1
+    return input_ids, mask
+
+
+def fixed_batches(
+    blocks: Sequence[list[int]], batch_size: int, pad_id: int | None, max_batches: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Consecutive, non-repeating batches of `blocks` in order (evaluation data; the last may be short)."""
+    out = []
+    for i in range(0, len(blocks), batch_size):
+        if max_batches is not None and len(out) >= max_batches:
+            break
+        out.append(pad_batch(blocks[i : i + batch_size], pad_id))
+    return out
 
 
 class BlockBatcher:
@@ -638,7 +668,7 @@ class BlockBatcher:
         self,
         blocks: list[list[int]],
         batch_size: int,
-        pad_id: int,
+        pad_id: int | None,
         seed: int = 0,
         shuffle: bool = True,
         shard: tuple[int, int] = (0, 1),
@@ -659,7 +689,8 @@ class BlockBatcher:
             )
         self.blocks = blocks
         self.batch_size = batch_size
-        self.pad_id = pad_id
+        # Tokenizers such as GPT-2's have no pad token; any id works since the mask hides padding.
+        self.pad_id = 0 if pad_id is None else int(pad_id)
         self.seed = seed
         self.shuffle = shuffle
         self.rank, self.world_size = rank, world
@@ -667,6 +698,7 @@ class BlockBatcher:
         self.position = 0  # index into this epoch's shard order of the next block to serve
         self._order_epoch = -1
         self._order: list[int] = []
+        self.last_indices: list[int] = []
 
     def __len__(self) -> int:
         """Blocks per epoch served by this rank."""
@@ -693,21 +725,16 @@ class BlockBatcher:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids [B, S] int64, attention_mask [B, S] int64), right-padded with pad_id to the
         longest block in the batch; mask is 1 on real tokens."""
-        picked: list[list[int]] = []
-        while len(picked) < self.batch_size:
+        picked_idx: list[int] = []
+        while len(picked_idx) < self.batch_size:
             order = self._epoch_order()
-            take = min(self.batch_size - len(picked), len(order) - self.position)
-            picked.extend(self.blocks[i] for i in order[self.position : self.position + take])
+            take = min(self.batch_size - len(picked_idx), len(order) - self.position)
+            picked_idx.extend(order[self.position : self.position + take])
             self.position += take
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
-        seq = max(len(b) for b in picked)
-        input_ids = torch.full((len(picked), seq), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(picked), seq), dtype=torch.long)
-        for row, block in enumerate(picked):
-            input_ids[row, : len(block)] = torch.tensor(block, dtype=torch.long)
-            mask[row, : len(block)] = 1
-        return input_ids, mask
+        self.last_indices = picked_idx  # which blocks these rows are (keys for the teacher logit cache)
+        return pad_batch([self.blocks[i] for i in picked_idx], self.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands, plus what it was built from (checked on load)."""

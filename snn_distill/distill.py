@@ -17,7 +17,7 @@ import torch
 
 from .artifacts import build_metadata, save_artifacts
 from .config import StudentConfig, TrainConfig
-from .data import BlockBatcher, load_texts, split_held_out, tokenize_texts
+from .data import BlockBatcher, fixed_batches, load_texts, split_held_out, tokenize_texts
 from .losses import TeacherTargets, chunked_distill_loss
 from .student import SpikingStudentLM
 from .teacher import Teacher, load_teacher
@@ -31,7 +31,9 @@ class TrainingError(RuntimeError):
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise TrainingError(
+            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto"
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -80,7 +82,9 @@ def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return labels
 
 
-def teacher_targets(teacher: Teacher, input_ids: torch.Tensor, mask: torch.Tensor, temperature: float) -> TeacherTargets:
+def teacher_targets(
+    teacher: Teacher, input_ids: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> TeacherTargets:
     """Log-probabilities at the distillation temperature for the real tokens only: [N_real, V] fp32."""
     logits = teacher.logits(input_ids, mask)
     rows = mask.reshape(-1).bool().to(logits.device)
@@ -160,8 +164,19 @@ class CsvLog:
     def row(self, step: int, s: StepStats, lr: float, tps: float) -> None:
         rate = "" if s.spike_rate is None else f"{s.spike_rate:.5f}"
         layer = [f"{s.layer_rates.get(n, float('nan')):.5f}" for n in self.layer_names]
-        self.w.writerow([step, f"{s.loss:.6f}", f"{s.kd:.6f}", f"{s.ce:.6f}", f"{lr:.6g}", f"{tps:.1f}", rate,
-                         f"{s.grad_norm:.4f}", *layer])
+        self.w.writerow(
+            [
+                step,
+                f"{s.loss:.6f}",
+                f"{s.kd:.6f}",
+                f"{s.ce:.6f}",
+                f"{lr:.6g}",
+                f"{tps:.1f}",
+                rate,
+                f"{s.grad_norm:.4f}",
+                *layer,
+            ]
+        )
         self.f.flush()
 
     def close(self) -> None:
@@ -199,7 +214,9 @@ def train(
     device = pick_device(cfg.device)
     if teacher is None:
         log.info("loading teacher %s", cfg.teacher_model)
-        teacher = load_teacher(cfg.teacher_model, device=cfg.teacher_device or device, dtype=cfg.teacher_dtype)
+        teacher = load_teacher(
+            cfg.teacher_model, device=cfg.teacher_device or device, dtype=cfg.teacher_dtype
+        )
     tok = teacher.tokenizer
 
     texts = load_texts(cfg.dataset, cfg.dataset_path)
@@ -208,7 +225,10 @@ def train(
     held_blocks = tokenize_texts(held_texts, tok, cfg.max_length, pack=cfg.pack) if held_texts else []
     batcher = BlockBatcher(train_blocks, cfg.batch_size, tok.pad_token_id, seed=cfg.seed)
     log.info(
-        "data: %d training sequences (%d tokens), %d held out", len(train_blocks), batcher.num_tokens, len(held_blocks)
+        "data: %d training sequences (%d tokens), %d held out",
+        len(train_blocks),
+        batcher.num_tokens,
+        len(held_blocks),
     )
 
     scfg = build_student_config(cfg, teacher.vocab_size, student_args)
@@ -219,14 +239,15 @@ def train(
     n_params = student.num_parameters()
     log.info(
         "student: %s, %.2fM parameters, T=%d, teacher %s (%.1fM parameters, vocab %d)",
-        scfg.student_type, n_params / 1e6, student.timesteps, teacher.name, teacher.num_parameters / 1e6,
+        scfg.student_type,
+        n_params / 1e6,
+        student.timesteps,
+        teacher.name,
+        teacher.num_parameters / 1e6,
         teacher.vocab_size,
     )
 
-    held_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if held_blocks:
-        hb = BlockBatcher(held_blocks, cfg.batch_size, tok.pad_token_id, shuffle=False)
-        held_batches = [hb.next_batch() for _ in range(min(cfg.eval_batches, math.ceil(len(held_blocks) / cfg.batch_size)))]
+    held_batches = fixed_batches(held_blocks, cfg.batch_size, tok.pad_token_id, cfg.eval_batches)
     unigram = unigram_baseline(train_blocks, teacher.vocab_size)
 
     def evaluate() -> dict[str, Any]:
@@ -269,7 +290,7 @@ def train(
                 now = time.perf_counter()
                 tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, tokens_seen
-                recent = losses[-cfg.log_interval:]
+                recent = losses[-cfg.log_interval :]
                 msg = f"step {step}/{cfg.num_steps} loss {sum(recent) / len(recent):.4f}"
                 if cfg.scheduler != "constant" or cfg.warmup_steps:
                     msg += f" lr {lr:.3g}"
@@ -278,19 +299,29 @@ def train(
                     msg += f" spike-rate {stats.spike_rate:.3f}"
                 _log_line(bar, msg)
                 csv_log.row(step, stats, lr, tps)
-                history.append({"step": step, "loss": stats.loss, "lr": lr, "tokens_per_s": tps,
-                                "spike_rate": stats.spike_rate if stats.spike_rate is not None else float("nan")})
+                history.append(
+                    {
+                        "step": step,
+                        "loss": stats.loss,
+                        "lr": lr,
+                        "tokens_per_s": tps,
+                        "spike_rate": stats.spike_rate if stats.spike_rate is not None else float("nan"),
+                    }
+                )
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.num_steps:
                 ev = evaluate()
                 if ev:
-                    _log_line(bar, f"eval step {step}: KL {ev['kl_teacher_student']:.4f} "
-                                   f"agreement {ev['top1_agreement']:.3f} ppl {ev['student_perplexity']:.2f}")
+                    _log_line(
+                        bar,
+                        f"eval step {step}: KL {ev['kl_teacher_student']:.4f} "
+                        f"agreement {ev['top1_agreement']:.3f} ppl {ev['student_perplexity']:.2f}",
+                    )
     finally:
         bar.close()
         csv_log.close()
     elapsed = time.perf_counter() - t_start
     eval_after = evaluate()
-    tail = losses[-max(1, min(len(losses), cfg.log_interval or 10)):]
+    tail = losses[-max(1, min(len(losses), cfg.log_interval or 10)) :]
     results = {
         "steps": cfg.num_steps,
         "avg_loss": sum(losses) / len(losses),
@@ -328,7 +359,11 @@ def train(
     paths["training_log"] = out / "training_log.csv"
     log.info(
         "done: %d steps in %.1fs, loss %.4f -> %.4f; artifacts in %s",
-        cfg.num_steps, elapsed, results["first_loss"], results["final_loss"], out,
+        cfg.num_steps,
+        elapsed,
+        results["first_loss"],
+        results["final_loss"],
+        out,
     )
     return DistillRun(student=student, metadata=meta, paths=paths, history=history)
 
@@ -336,8 +371,15 @@ def train(
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="distill", unit="step", file=sys.stderr, disable=not enabled,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        total=total,
+        desc="distill",
+        unit="step",
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 def _log_line(bar, msg: str) -> None:

@@ -60,9 +60,9 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 def _binned(student_logp: torch.Tensor, targets: TeacherTargets) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher log-probs over the bins the teacher describes: [n, V] or [n, k+1]."""
     if targets.indices is None:
-        return student_logp, targets.logprobs.float()
+        return student_logp, targets.logprobs.to(student_logp.dtype)
     s_top = student_logp.gather(1, targets.indices)
-    t_top = targets.logprobs.float()
+    t_top = targets.logprobs.to(student_logp.dtype)
     s_tail = _log1mexp(torch.logsumexp(s_top, dim=1, keepdim=True))
     t_tail = _log1mexp(torch.logsumexp(t_top, dim=1, keepdim=True))
     return torch.cat([s_top, s_tail], 1), torch.cat([t_top, t_tail], 1)
@@ -72,14 +72,17 @@ def kd_per_token(
     student_logits: torch.Tensor, targets: TeacherTargets, kind: str, temperature: float
 ) -> torch.Tensor:
     """Reference distillation loss per token (differentiable, T^2-scaled). logits [n, V] -> [n]."""
-    s_logp, t_logp = _binned(F.log_softmax(student_logits.float() / temperature, dim=-1), targets)
+    logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
+    s_logp, t_logp = _binned(F.log_softmax(logits / temperature, dim=-1), targets)
     if kind == "forward_kl":
         loss = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     elif kind == "reverse_kl":
         loss = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
     elif kind == "jsd":
         m_logp = torch.logaddexp(s_logp, t_logp) - torch.log(torch.tensor(2.0, device=s_logp.device))
-        loss = 0.5 * (t_logp.exp() * (t_logp - m_logp)).sum(-1) + 0.5 * (s_logp.exp() * (s_logp - m_logp)).sum(-1)
+        loss = 0.5 * (t_logp.exp() * (t_logp - m_logp)).sum(-1) + 0.5 * (
+            s_logp.exp() * (s_logp - m_logp)
+        ).sum(-1)
     else:
         raise ValueError(f"unknown kd loss {kind!r}; choose one of {', '.join(KD_KINDS)}")
     return loss * temperature**2
@@ -94,8 +97,8 @@ def _chunk_loss_and_grad(
     kind: str,
     temperature: float,
     hard_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss sums and d(loss)/dz for one chunk of fp32 logits z [n, V].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, kd_sum, ce_sum, d(total)/dz) for one chunk of logits z [n, V] (fp32, or fp64 in tests).
 
     Forward KL (the default) and cross-entropy have closed-form gradients (softmax minus target),
     which saves the autograd bookkeeping on the hot path; the other divergences use local autograd.
@@ -105,7 +108,7 @@ def _chunk_loss_and_grad(
         s_logp = F.log_softmax(z / temperature, dim=-1)
         p_s = s_logp.exp()
         if targets.indices is None:
-            t_logp = targets.logprobs.float()
+            t_logp = targets.logprobs.to(z.dtype)
             p_t = t_logp.exp()
             kd = (p_t * (t_logp - s_logp)).sum(-1)
             q = p_t
@@ -115,7 +118,7 @@ def _chunk_loss_and_grad(
             # Gradient target: teacher's top-k probabilities, its tail mass spread like the student's tail.
             ratio = (t_b[:, -1] - s_b[:, -1]).exp()
             q = p_s * ratio[:, None]
-            q.scatter_(1, targets.indices, targets.logprobs.float().exp())
+            q.scatter_(1, targets.indices, targets.logprobs.to(z.dtype).exp())
         kd = kd * temperature**2
         grad = (p_s - q) * (temperature * kd_scale * tok_w)[:, None]
     else:
@@ -134,29 +137,35 @@ def _chunk_loss_and_grad(
         ce_sum = (ce * ce_w).sum()
         g = logp.exp()
         g[torch.arange(z.shape[0], device=z.device), safe] -= valid.to(g.dtype)
-        grad += g * (hard_weight * ce_w)[:, None]
+        grad += g * (hard_weight * ce_w * valid)[:, None]
     total = kd_scale * kd_sum + hard_weight * ce_sum
     return total, kd_sum, ce_sum, grad
 
 
 class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, t_logprobs, t_indices, labels, tok_w, ce_w, kind, temperature, hard_weight, chunk):
+    def forward(
+        ctx, hidden, weight, t_logprobs, t_indices, labels, tok_w, ce_w, kind, temperature, hard_weight, chunk
+    ):
         targets = TeacherTargets(t_logprobs, t_indices)
         n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-        total = hidden.new_zeros((), dtype=torch.float32)
+        # Accumulate in fp32 at least (bf16 activations on GPU), in fp64 when given fp64.
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight.requires_grad else None
+        total = hidden.new_zeros((), dtype=acc)
         kd_total = total.clone()
         ce_total = total.clone()
-        w32 = weight.float()
+        w32 = weight.to(acc)
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
-            h = hidden[sl].float()
+            h = hidden[sl].to(acc)
             z = h @ w32.t()  # [c, V]
             lab = None if labels is None else labels[sl]
             cw = None if ce_w is None else ce_w[sl]
-            t, kd, ce, g = _chunk_loss_and_grad(z, targets[sl], lab, tok_w[sl], cw, kind, temperature, hard_weight)
+            t, kd, ce, g = _chunk_loss_and_grad(
+                z, targets[sl], lab, tok_w[sl].to(acc), cw, kind, temperature, hard_weight
+            )
             total += t
             kd_total += kd
             ce_total += ce
@@ -202,8 +211,17 @@ def chunked_distill_loss(
     if hard_weight > 0 and (labels is None or ce_w is None):
         raise ValueError("hard_weight > 0 needs labels and ce_w")
     return _ChunkedDistill.apply(
-        hidden, weight, targets.logprobs, targets.indices, labels, tok_w, ce_w, kind, float(temperature),
-        float(hard_weight), int(chunk),
+        hidden,
+        weight,
+        targets.logprobs,
+        targets.indices,
+        labels,
+        tok_w,
+        ce_w,
+        kind,
+        float(temperature),
+        float(hard_weight),
+        int(chunk),
     )
 
 
@@ -222,6 +240,13 @@ def reference_distill_loss(
     loss = (1 - hard_weight) * (kd_per_token(logits, targets, kind, temperature) * tok_w).sum()
     if hard_weight > 0:
         valid = labels >= 0
-        ce = F.cross_entropy(logits.float(), labels.clamp_min(0), reduction="none") * valid
+        ce = (
+            F.cross_entropy(
+                logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                labels.clamp_min(0),
+                reduction="none",
+            )
+            * valid
+        )
         loss = loss + hard_weight * (ce * ce_w).sum()
     return loss

@@ -109,9 +109,10 @@ def surrogate_derivative(name: str, x: Tensor, slope: float | None = None) -> Te
     return _DERIVATIVES[name](x, k)
 
 
-def _heaviside(x: Tensor) -> Tensor:
-    # strict '>' as snnTorch: a membrane exactly at threshold does not fire
-    return (x > 0).to(x.dtype)
+def _heaviside(x: Tensor, out: Tensor | None = None) -> Tensor:
+    # strict '>' as snnTorch: a membrane exactly at threshold (x == 0) does not fire. One pass
+    # straight to x.dtype, unlike (x > 0).to(x.dtype) which goes through a bool temporary.
+    return torch.heaviside(x, x.new_zeros(()), out=out)
 
 
 def _spike_forward(ctx, x: Tensor, name: str, slope: float | None) -> Tensor:
@@ -250,7 +251,7 @@ def _lif_loop_inference(current: Tensor, decay: float, threshold: float) -> Tens
     out = []
     for t in range(current.shape[0]):
         u = decay * u + current[t] - threshold * s
-        s = _heaviside(u - threshold)
+        s = (u - threshold > 0).to(current.dtype)  # ONNX has no Heaviside op
         out.append(s)
     return torch.stack(out)
 
@@ -268,7 +269,6 @@ def _lif_forward(
     sg = torch.empty_like(spikes) if save_sg else None
     u = torch.zeros_like(spikes[0])
     x = torch.empty_like(u)
-    deriv = _DERIVATIVES[surrogate]
     # The loop computes u - (θ*s) with θ*s rounded to the tensor dtype; using that rounded θ as
     # `alpha` makes the single fused op give the same bits (s is exactly 0 or 1), also in bf16.
     theta_q = torch.tensor(threshold, dtype=current.dtype).item()
@@ -276,11 +276,21 @@ def _lif_forward(
         u.mul_(decay).add_(current[t])
         if t > 0:
             u.sub_(spikes[t - 1], alpha=theta_q)
-        torch.sub(u, threshold, out=x)
-        torch.gt(x, 0, out=spikes[t])
-        if sg is not None:
-            deriv(x, slope, out=sg[t])
+        xt = x if sg is None else sg[t]  # keep x = u - θ for all t, turned into sg below
+        torch.sub(u, threshold, out=xt)
+        _heaviside(xt, out=spikes[t])
+    if sg is not None:
+        # one pass per op over all T instead of T small ones: the surrogate does not feed back
+        _DERIVATIVES[surrogate](sg, slope, out=sg)
     return spikes, sg
+
+
+def _graph_is_kept() -> bool:
+    """True when the running backward keeps the graph (retain_graph/create_graph), or if unknown."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):  # private API: be safe if it moves or is unavailable
+        return True
 
 
 class LIFMultiStep(torch.autograd.Function):
@@ -308,14 +318,17 @@ class LIFMultiStep(torch.autograd.Function):
     def backward(ctx, grad_spikes: Tensor) -> tuple[Tensor, None, None, None, None]:
         (sg,) = ctx.saved_tensors
         T = sg.shape[0]
-        grad = torch.empty_like(sg)
-        torch.mul(grad_spikes[T - 1], sg[T - 1], out=grad[T - 1])
+        # Unless the graph is retained, autograd frees sg right after this call: write the gradient
+        # over it (each sg[t] is read once, before grad[t] is written). Saves a [T, ...] buffer whose
+        # fresh pages cost more than the arithmetic on CPU.
+        grad = torch.empty_like(sg) if _graph_is_kept() else sg
+        torch.mul(grad_spikes, sg, out=grad)  # the spike branch of g_u, all T at once
         if T > 1:
             carry = torch.empty_like(sg[0])
         for t in range(T - 2, -1, -1):
-            # separate rounding of both terms, then add: exactly what autograd does for the loop
+            # round decay * g_u[t+1] on its own, then add: the same rounding as autograd summing the
+            # two branches of the per-step loop (add(alpha=) fuses into an FMA on CPU: last bit differs)
             torch.mul(grad[t + 1], ctx.decay, out=carry)
-            torch.mul(grad_spikes[t], sg[t], out=grad[t])
             grad[t].add_(carry)
         return grad, None, None, None, None
 

@@ -68,9 +68,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.to(acc)).to(x.dtype)
 
 
 def rope_cos_sin(
@@ -191,8 +192,12 @@ class SpikingStudentLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.depth))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = None if config.tie_embeddings else QLinear(config.dim, config.vocab_size, config.qat_int8)
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
+        self.lm_head = (
+            None if config.tie_embeddings else QLinear(config.dim, config.vocab_size, config.qat_int8)
+        )
+        inv_freq = 1.0 / (
+            config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
+        )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
 
@@ -222,7 +227,11 @@ class SpikingStudentLM(nn.Module):
         if self.lm_head is None:
             w = self.embed.weight
             return fake_quant_int8(w) if self.config.qat_int8 and self.training else w
-        return fake_quant_int8(self.lm_head.weight) if self.lm_head.qat and self.training else self.lm_head.weight
+        return (
+            fake_quant_int8(self.lm_head.weight)
+            if self.lm_head.qat and self.training
+            else self.lm_head.weight
+        )
 
     def _body(
         self, input_ids: torch.Tensor, past: tuple[KVCache, ...] | None
@@ -273,7 +282,9 @@ class SpikingStudentLM(nn.Module):
 
     def spike_rates(self) -> dict[str, float]:
         """Mean spike rate of each LIF layer during the last forward pass."""
-        return {m.stat_name: float(m.last_spike_rate) for m in self.lif_modules() if m.last_spike_rate is not None}
+        return {
+            m.stat_name: float(m.last_spike_rate) for m in self.lif_modules() if m.last_spike_rate is not None
+        }
 
     def set_record_stats(self, on: bool) -> None:
         for m in self.lif_modules():

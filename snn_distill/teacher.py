@@ -148,7 +148,9 @@ def load_teacher(
                 ) from e
             raise TeacherError(f"cannot load teacher from {load_from}: {str(e).splitlines()[0]}") from e
         except ValueError as e:
-            raise TeacherError(f"{name_or_path!r} is not a causal language model: {str(e).splitlines()[0]}") from e
+            raise TeacherError(
+                f"{name_or_path!r} is not a causal language model: {str(e).splitlines()[0]}"
+            ) from e
     model.to(device).eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
@@ -161,5 +163,7 @@ def load_teacher(
     out_emb = model.get_output_embeddings()
     vocab = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= vocab:
-        raise TeacherError(f"tokenizer pad id {tokenizer.pad_token_id} is outside the teacher's {vocab} logits")
+        raise TeacherError(
+            f"tokenizer pad id {tokenizer.pad_token_id} is outside the teacher's {vocab} logits"
+        )
     return Teacher(model=model, tokenizer=tokenizer, name=name_or_path, vocab_size=vocab, source=source)

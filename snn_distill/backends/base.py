@@ -151,6 +151,17 @@ def _make_generator(seed: int | None, like: Any) -> Any:
     return random.Random(seed if seed is not None else os.urandom(16))
 
 
+def _fast_logits(logits: Any) -> Any:
+    """numpy logits (e.g. from ONNX Runtime) -> torch tensor when torch is installed (fast sampling)."""
+    if _is_torch_tensor(logits) or type(logits).__module__ != "numpy":
+        return logits
+    try:
+        import torch
+    except Exception:
+        return logits
+    return torch.from_numpy(logits.astype("float32", copy=False).reshape(-1))
+
+
 def _normalize_stops(stop: str | Sequence[str] | None) -> list[str]:
     if stop is None:
         return []
@@ -294,6 +305,7 @@ class LLMBackend(abc.ABC):
         eos_ids = self._eos_ids()
         ctx_ids = list(prompt_ids)  # what the model currently sees (for the sliding window)
         state, logits = self._start(list(ctx_ids))
+        logits = _fast_logits(logits)
         generator = None if not temperature else _make_generator(seed, logits)
         all_ids = list(prompt_ids[-_DECODE_CONTEXT_TOKENS:])
         prefix_offset, read_offset = 0, len(all_ids)
@@ -301,7 +313,7 @@ class LLMBackend(abc.ABC):
         generated: list[int] = []
         self.last_token_ids = generated
         for step in range(max_tokens):
-            tok = sample_next_token(logits, temperature, top_k, top_p, generator)
+            tok = sample_next_token(_fast_logits(logits), temperature, top_k, top_p, generator)
             if tok in eos_ids:
                 break
             generated.append(tok)
@@ -309,7 +321,7 @@ class LLMBackend(abc.ABC):
             prefix_text = self._decode(all_ids[prefix_offset:read_offset])
             new_text = self._decode(all_ids[prefix_offset:])
             if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
-                piece = new_text[len(prefix_text):]
+                piece = new_text[len(prefix_text) :]
                 prefix_offset, read_offset = read_offset, len(all_ids)
                 out = filt.push(piece)
                 if out:
@@ -322,7 +334,7 @@ class LLMBackend(abc.ABC):
             if self.max_context and len(ctx_ids) > self.max_context:
                 # Context full: restart on the most recent half of the window (one recomputation
                 # every max_context/2 tokens instead of one per token).
-                ctx_ids = ctx_ids[-max(1, self.max_context // 2):]
+                ctx_ids = ctx_ids[-max(1, self.max_context // 2) :]
                 state, logits = self._start(list(ctx_ids))
             else:
                 state, logits = self._advance(state, tok)
@@ -331,7 +343,7 @@ class LLMBackend(abc.ABC):
             prefix_text = self._decode(all_ids[prefix_offset:read_offset])
             new_text = self._decode(all_ids[prefix_offset:])
             if len(new_text) > len(prefix_text):
-                out = filt.push(new_text[len(prefix_text):])
+                out = filt.push(new_text[len(prefix_text) :])
                 if out:
                     yield out
                 if filt.stopped:

@@ -166,7 +166,8 @@ class SNNLLMBackend(LLMBackend):
         self.config = _section(self.metadata, "config")
         self.snn_config = _section(self.metadata, "snn_config")
         self.architecture = _section(self.metadata, "architecture")
-        hint = self.config.get("tokenizer_name")
+        # The teacher's name is a second hint: the student shares the teacher's tokenizer.
+        hint = self.config.get("tokenizer_name") or _section(self.metadata, "training_config").get("teacher_model")
         self.tokenizer_hint = str(hint) if hint else None
 
         try:
@@ -324,7 +325,7 @@ class SNNLLMBackend(LLMBackend):
             out = out["logits"]
         x = out[0, -1].float()
         if self._mask_from is not None:
-            x[self._mask_from:] = float("-inf")
+            x[self._mask_from :] = float("-inf")
         return x
 
     def _start(self, prompt_ids: list[int]) -> tuple[Any, Any]:
