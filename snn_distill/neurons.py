@@ -49,8 +49,8 @@ DEFAULT_SLOPES: dict[str, float] = {
 
 
 # --- surrogate derivatives ------------------------------------------------------------------------
-# Each `_d_*` writes into `out` when given so the fused LIF can fill its saved [T, ...] tensor without
-# temporaries. The op sequence is the same with or without `out`, so the fused kernel and the
+# Each `_d_*` can write into `out` (which may be x itself) so the fused LIF turns x into sg in place,
+# without temporaries. The op sequence is the same with or without `out`, so the fused kernel and the
 # per-step surrogate backward produce bit-identical values.
 
 
@@ -268,7 +268,8 @@ def _lif_forward(
     spikes = torch.empty(current.shape, dtype=current.dtype, device=current.device)
     sg = torch.empty_like(spikes) if save_sg else None
     u = torch.zeros_like(spikes[0])
-    x = torch.empty_like(u)
+    x = torch.empty_like(u) if sg is None else None
+    deriv = _DERIVATIVES[surrogate]
     # The loop computes u - (θ*s) with θ*s rounded to the tensor dtype; using that rounded θ as
     # `alpha` makes the single fused op give the same bits (s is exactly 0 or 1), also in bf16.
     theta_q = torch.tensor(threshold, dtype=current.dtype).item()
@@ -276,12 +277,14 @@ def _lif_forward(
         u.mul_(decay).add_(current[t])
         if t > 0:
             u.sub_(spikes[t - 1], alpha=theta_q)
-        xt = x if sg is None else sg[t]  # keep x = u - θ for all t, turned into sg below
+        xt = x if sg is None else sg[t]  # x = u - θ, turned into sg[t] in place
         torch.sub(u, threshold, out=xt)
         _heaviside(xt, out=spikes[t])
-    if sg is not None:
-        # one pass per op over all T instead of T small ones: the surrogate does not feed back
-        _DERIVATIVES[surrogate](sg, slope, out=sg)
+        if sg is not None:
+            # per step, not once over [T, ...]: vectorised and scalar-tail kernels (Sleef vs libm
+            # exp, FMA contraction) can differ in the last bit, so the surrogate must see the
+            # same [...] layout as in the per-step loop to give bit-identical gradients
+            deriv(xt, slope, out=xt)
     return spikes, sg
 
 
@@ -297,13 +300,12 @@ class LIFMultiStep(torch.autograd.Function):
     """Fused multi-step LIF: `apply(current, decay, threshold, surrogate, slope)`.
 
     current [T, ...] -> spikes [T, ...]. Saves only sg[t] = surrogate'(u[t] - θ) (one [T, ...]
-    tensor of the input dtype) and runs the reverse recurrence analytically in backward.
+    tensor of the input dtype) and runs the reverse recurrence analytically in backward, reusing
+    that tensor as the returned gradient unless the graph is retained. Not twice differentiable.
     """
 
     @staticmethod
-    def forward(
-        ctx, current: Tensor, decay: float, threshold: float, surrogate: str, slope: float | None
-    ) -> Tensor:
+    def forward(ctx, current: Tensor, decay: float, threshold: float, surrogate: str, slope: float | None) -> Tensor:
         k = _resolve(surrogate, slope)
         _check_current(current)
         save = ctx.needs_input_grad[0]
@@ -318,9 +320,9 @@ class LIFMultiStep(torch.autograd.Function):
     def backward(ctx, grad_spikes: Tensor) -> tuple[Tensor, None, None, None, None]:
         (sg,) = ctx.saved_tensors
         T = sg.shape[0]
-        # Unless the graph is retained, autograd frees sg right after this call: write the gradient
-        # over it (each sg[t] is read once, before grad[t] is written). Saves a [T, ...] buffer whose
-        # fresh pages cost more than the arithmetic on CPU.
+        # Unless the graph is retained, autograd frees sg right after this call, so the gradient is
+        # written over it (elementwise, each sg value read before its slot is overwritten). Saves a
+        # fresh [T, ...] buffer, whose first-touch page faults cost more than the arithmetic on CPU.
         grad = torch.empty_like(sg) if _graph_is_kept() else sg
         torch.mul(grad_spikes, sg, out=grad)  # the spike branch of g_u, all T at once
         if T > 1:
@@ -413,6 +415,7 @@ class LIF(torch.nn.Module):
             # plain ops only: the autograd.Function and the in-place kernel do not export
             spikes = _lif_loop_inference(seq, self.decay, self.threshold)
         out = spikes.view(x.shape)
+        # while exporting, x is a fake tensor and torch.export warns about tensor attributes
         if not torch.compiler.is_exporting():
             self._record(out.detach())
         return out

@@ -7,12 +7,13 @@ plain model of the same config and caches that folder (with its tokenizer) under
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("SNN_DISTILL_CACHE", Path.home() / ".cache" / "snn_distill"))
 
 
-@contextmanager
+@contextlib.contextmanager
 def quiet_transformers():
     """Fold transformers' own loading bars and warnings away; our logging reports instead."""
     import transformers
@@ -88,8 +89,9 @@ def _materialise_gguf(path: Path) -> Path:
     target = _gguf_cache_dir(path)
     if (target / "config.json").exists():
         return target
-    log.info("dequantising %s once (cached in %s)", path.name, target)
-    with quiet_transformers() as tf:
+    log.info("dequantising %s once, which takes a while (cached in %s)", path.name, target)
+    # transformers' GGUF reader draws its own tqdm bar regardless of its verbosity settings.
+    with quiet_transformers() as tf, contextlib.redirect_stderr(io.StringIO()):
         try:
             tok = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             gmodel = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)

