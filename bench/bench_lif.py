@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,17 +85,23 @@ def fwd_bwd(step: Callable, current: torch.Tensor, grad: torch.Tensor) -> float:
 
 
 def saved_bytes(step: Callable, current: torch.Tensor) -> int:
-    storages: dict[int, int] = {}
+    packed: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        storages[st.data_ptr()] = st.nbytes()
+        packed.append(weakref.ref(t))
         return t
 
     x = current.detach().requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = step(x)
-    # the graph input itself is alive anyway; do not charge a variant for saving it
+    # Count what the graph still holds: a node dropped during forward (e.g. behind a .detach()) frees
+    # its saved tensors. Distinct storages only; the graph input is alive anyway and not charged.
+    storages = {}
+    for ref in packed:
+        t = ref()
+        if t is not None:
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
     storages.pop(x.untyped_storage().data_ptr(), None)
     del out
     return sum(storages.values())

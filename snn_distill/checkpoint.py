@@ -200,3 +200,63 @@ def load_checkpoint(output_dir: str | Path, map_location: Any = "cpu") -> dict[s
     if int(ckpt.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer snn_distill; upgrade to resume it")
     return ckpt
+
+
+# ---- graceful stop ---------------------------------------------------------------------------
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `signum`: the loop finishes its step, writes a
+    checkpoint and stops. Another SIGINT more than 3 s later raises KeyboardInterrupt (force quit).
+
+    Handlers are installed from the main thread only (elsewhere signals cannot be caught)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._first_at = 0.0
+        self._old: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    # Ctrl-C under torchrun reaches a worker twice within milliseconds (from the terminal and
+    # forwarded by torchrun): a repeat inside this window is the same request, not a force-quit.
+    REPEAT_WINDOW_S = 3.0
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+        import time
+
+        now = time.monotonic()
+        if self.signum is not None:
+            if signum == signal.SIGINT and now - self._first_at > self.REPEAT_WINDOW_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._first_at = signum, now
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()

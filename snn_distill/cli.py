@@ -113,8 +113,52 @@ def build_train_parser(prog: str = "train_snn_student.py") -> argparse.ArgumentP
     g.add_argument("--snn-threshold", type=float, default=1.0)
     g.add_argument("--snn-decay", type=float, default=0.5)
     g = p.add_argument_group("teacher")
-    g.add_argument("--teacher-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    g.add_argument("--teacher-device", default=None)
+    g.add_argument(
+        "--teacher-dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="teacher weights' dtype; auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    g.add_argument(
+        "--teacher-device", default=None, help="where the teacher runs, e.g. cuda:1 or cpu (default: --device)"
+    )
+    g.add_argument(
+        "--teacher-quantization",
+        choices=("none", "8bit", "4bit"),
+        default="none",
+        help="load the teacher's weights in 8-bit or 4-bit with bitsandbytes (CUDA; pip install bitsandbytes)",
+    )
+    g.add_argument(
+        "--teacher-cache",
+        default=None,
+        metavar="DIR",
+        help="store the teacher's top-k log-probabilities per token (plus the tail mass) in DIR and reuse "
+        "them: a later run over the same data and teacher does not load the teacher's weights",
+    )
+    g.add_argument(
+        "--teacher-cache-topk",
+        type=_positive_int,
+        default=64,
+        metavar="K",
+        help="words per token the teacher cache keeps (default 64); the rest is one tail bin",
+    )
+    g = p.add_argument_group("scale: checkpoints, resume, memory plan")
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="write OUTPUT_DIR/checkpoint.pt every N steps (and after the last); 0: only on SIGINT/SIGTERM",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUTPUT_DIR/checkpoint.pt up to --num-steps (same flags as the first run)",
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the GPU memory plan for these flags and exit without loading any weights",
+    )
     g = p.add_argument_group("metadata, logging, export")
     g.add_argument("--log-interval", type=int, default=5, help="steps between loss logs, 0 disables")
     g.add_argument("--eval-interval", type=int, default=0, help="steps between held-out evaluations")
@@ -189,6 +233,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, 
         loss_chunk_tokens=args.loss_chunk_tokens,
         teacher_dtype=args.teacher_dtype,
         teacher_device=args.teacher_device,
+        teacher_quantization=getattr(args, "teacher_quantization", "none"),
+        teacher_cache=getattr(args, "teacher_cache", None),
+        teacher_cache_topk=getattr(args, "teacher_cache_topk", 64),
+        checkpoint_every=getattr(args, "checkpoint_every", 0),
+        resume=getattr(args, "resume", False),
         git_tracking=not args.no_git_tracking,
         export_onnx=args.export_onnx,
     )
@@ -243,6 +292,16 @@ def run_guarded(fn, *args) -> int:
     except _user_errors() as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 2))  # 130/143: stopped by SIGINT/SIGTERM after a checkpoint
+    except (OSError, RuntimeError, MemoryError) as e:  # a full disk or memory anywhere else: one line too
+        from .failures import disk_full_message, generic_out_of_memory_message, is_disk_full, is_out_of_memory
+
+        if is_disk_full(e):
+            print(f"error: {disk_full_message(e)}", file=sys.stderr)
+        elif is_out_of_memory(e):
+            print(f"error: {generic_out_of_memory_message(e)}", file=sys.stderr)
+        else:
+            raise
         return 2
 
 
@@ -250,10 +309,18 @@ def _train(args: argparse.Namespace) -> None:
     from .distill import configure_threads, train
 
     cfg, student_args = configs_from_args(args)
+    if getattr(args, "dry_run", False):
+        from .distributed import env_world_size
+        from .memory_plan import plan_from_args
+
+        print(plan_from_args(cfg, student_args, world_size=env_world_size()).format())
+        return
     configure_threads()
-    cli_config = {k: v for k, v in vars(args).items()}
+    cli_config = {k: v for k, v in vars(args).items() if k not in ("resume", "dry_run")}
     cli_config["tokenizer_name"] = args.teacher_model
     run = train(cfg, student_args, cli_config=cli_config, progress=not args.quiet)
+    if run.rank != 0:  # data-parallel: rank 0 alone reports
+        return
     res = run.metadata["training_results"]
     print(
         f"trained {run.metadata['model_type']} ({run.metadata['student_params'] / 1e6:.2f}M parameters, "

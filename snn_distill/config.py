@@ -172,6 +172,7 @@ class TrainConfig:
     teacher_cache_topk: int = 64
     teacher_dtype: str = "auto"
     teacher_device: str | None = None
+    teacher_quantization: str = "none"  # "8bit" / "4bit": bitsandbytes (CUDA)
     git_tracking: bool = True
     export_onnx: bool = False
     checkpoint_every: int = 0
@@ -217,6 +218,10 @@ class TrainConfig:
             "--teacher-dtype must be auto, float32, bfloat16 or float16",
         )
         _check(self.checkpoint_every >= 0, "--checkpoint-every must be >= 0")
+        _check(
+            self.teacher_quantization in ("none", "8bit", "4bit"),
+            f"--teacher-quantization must be none, 8bit or 4bit, got {self.teacher_quantization!r}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

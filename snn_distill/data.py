@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -616,6 +619,7 @@ def tokenize_texts(texts: list[str], tokenizer: Any, max_length: int, pack: bool
         enc = tokenizer(
             list(texts), add_special_tokens=True, truncation=True, max_length=max_length, **_IDS_ONLY
         )
+        _log_truncated(texts, enc["input_ids"], tokenizer, max_length)
         return [list(ids) for ids in enc["input_ids"] if len(ids) >= 2]
     # verbose=False: long documents are expected here; they get cut into blocks, not truncated.
     enc = tokenizer(list(texts), add_special_tokens=False, verbose=False, **_IDS_ONLY)
@@ -630,6 +634,36 @@ def tokenize_texts(texts: list[str], tokenizer: Any, max_length: int, pack: bool
     if blocks and len(blocks[-1]) < 2:
         blocks.pop()
     return blocks
+
+
+def _log_truncated(texts: list[str], truncated_ids: list[list[int]], tokenizer: Any, max_length: int) -> int:
+    """Log how many texts were cut at `max_length` tokens; only texts that reached it are re-tokenized."""
+    full = [t for t, ids in zip(texts, truncated_ids) if len(ids) >= max_length]
+    if not full:
+        return 0
+    lengths = [len(ids) for ids in tokenizer(full, add_special_tokens=True, verbose=False, **_IDS_ONLY)["input_ids"]]
+    cut = sum(n > max_length for n in lengths)
+    if cut:
+        log.info(
+            "%d of %d texts are longer than --max-length %d tokens (up to %d) and were truncated to it; "
+            "--pack cuts long texts into blocks instead, a larger --max-length keeps more of each",
+            cut,
+            len(texts),
+            max_length,
+            max(lengths),
+        )
+    return cut
+
+
+def check_token_ids(blocks: Sequence[list[int]], vocab_size: int, teacher: str = "the teacher") -> None:
+    """DataError when a token id has no row in the teacher's logits (a tokenizer from another model)."""
+    top = max((max(b) for b in blocks if b), default=-1)
+    if top >= vocab_size:
+        raise DataError(
+            f"vocabulary mismatch: the tokenizer of {teacher} produces token id {top} but the teacher has only "
+            f"{vocab_size} logits; the tokenizer and the model come from different checkpoints: use the "
+            "tokenizer saved with the model (same folder or Hub id)"
+        )
 
 
 def pad_batch(blocks: Sequence[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,9 +14,9 @@ all-reduces them all (the embedding too when it is tied to the head).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +153,10 @@ def wrap_for_training(student: nn.Module, ctx: DistContext, device: torch.device
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, broadcast_buffers=False)
+    # The only buffer (RoPE frequencies) is identical everywhere: no per-forward buffer broadcast.
+    params = inspect.signature(DDP.__init__).parameters
+    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DDP(model, device_ids=ids, **sync)
 
 
 def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
@@ -163,14 +166,7 @@ def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def main_process_logging(ctx: DistContext) -> Iterator[None]:
-    """Silence info logs on ranks other than 0 (rank 0 alone logs)."""
-    logger = logging.getLogger("snn_distill")
-    old = logger.level
+def quiet_other_ranks(ctx: DistContext) -> None:
+    """Rank 0 alone logs: other ranks keep warnings and errors only."""
     if not ctx.is_main:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
+        logging.getLogger("snn_distill").setLevel(logging.WARNING)

@@ -37,18 +37,26 @@ class TeacherTargets:
     """Teacher's side of the loss for N tokens.
 
     Full: `logprobs` [N, V] = log_softmax(teacher_logits / T), `indices` None.
-    Top-k: `logprobs` [N, k] and `indices` [N, k] (int64), tail mass implied.
+    Top-k: `logprobs` [N, k] and `indices` [N, k] (int64); `tail` [N] is the log of the remaining mass
+    (computed from the full distribution, as the logit cache stores it), or None: then it is taken as
+    log(1 - sum(exp(logprobs))).
     """
 
     logprobs: torch.Tensor
     indices: torch.Tensor | None = None
+    tail: torch.Tensor | None = None
 
     def __getitem__(self, sl: slice) -> TeacherTargets:
-        return TeacherTargets(self.logprobs[sl], None if self.indices is None else self.indices[sl])
+        return TeacherTargets(
+            self.logprobs[sl],
+            None if self.indices is None else self.indices[sl],
+            None if self.tail is None else self.tail[sl],
+        )
 
     def to(self, device: torch.device | str) -> TeacherTargets:
         idx = None if self.indices is None else self.indices.to(device)
-        return TeacherTargets(self.logprobs.to(device), idx)
+        tail = None if self.tail is None else self.tail.to(device)
+        return TeacherTargets(self.logprobs.to(device), idx, tail)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +72,10 @@ def _binned(student_logp: torch.Tensor, targets: TeacherTargets) -> tuple[torch.
     s_top = student_logp.gather(1, targets.indices)
     t_top = targets.logprobs.to(student_logp.dtype)
     s_tail = _log1mexp(torch.logsumexp(s_top, dim=1, keepdim=True))
-    t_tail = _log1mexp(torch.logsumexp(t_top, dim=1, keepdim=True))
+    if targets.tail is not None:
+        t_tail = targets.tail.to(student_logp.dtype)[:, None]
+    else:
+        t_tail = _log1mexp(torch.logsumexp(t_top, dim=1, keepdim=True))
     return torch.cat([s_top, s_tail], 1), torch.cat([t_top, t_tail], 1)
 
 
@@ -88,6 +99,50 @@ def kd_per_token(
     return loss * temperature**2
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product [n, V] x [n, V] -> [n] without an [n, V] temporary (batched GEMV)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _forward_kl_lean(
+    z: torch.Tensor, targets: TeacherTargets, tok_w: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL without hard labels (the default): (weighted kd sum, d/dz) for logits z [n, V].
+
+    Overwrites z. Holds two [n, V] buffers (z, then the student's log-probs turned in place into the
+    gradient) plus the teacher's probabilities for full targets, where the plain formulation holds
+    eight; every [n, V] pass that is not needed is gone:
+    KL = sum p_t log p_t - sum p_t log p_s (row dot products), d(T^2 KL)/dz = T (p_s - q)."""
+    if temperature != 1.0:
+        z.div_(temperature)
+    s_logp = torch.log_softmax(z, dim=-1)
+    del z
+    if targets.indices is None:
+        t_logp = targets.logprobs.to(s_logp.dtype)
+        p_t = t_logp.exp()
+        kd = _rowdot(p_t, t_logp) - _rowdot(p_t, s_logp)
+        grad = s_logp.exp_()  # p_s
+        grad.sub_(p_t)
+    else:
+        # (k+1)-bin KL; gradient target: the teacher's top-k, its tail mass spread like the student's tail.
+        idx = targets.indices
+        s_top = s_logp.gather(1, idx)
+        t_top = targets.logprobs.to(s_logp.dtype)
+        s_tail = _log1mexp(torch.logsumexp(s_top, dim=1))
+        if targets.tail is not None:
+            t_tail = targets.tail.to(s_logp.dtype)
+        else:
+            t_tail = _log1mexp(torch.logsumexp(t_top, dim=1))
+        p_top = t_top.exp()
+        kd = (p_top * (t_top - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
+        ratio = (t_tail - s_tail).exp()
+        grad = s_logp.exp_()  # p_s
+        grad.mul_((1.0 - ratio)[:, None])
+        grad.scatter_(1, idx, s_top.exp() - p_top)
+    grad.mul_((temperature * tok_w)[:, None])
+    return (kd * (temperature**2) * tok_w).sum(), grad
+
+
 def _chunk_loss_and_grad(
     z: torch.Tensor,
     targets: TeacherTargets,
@@ -104,6 +159,9 @@ def _chunk_loss_and_grad(
     which saves the autograd bookkeeping on the hot path; the other divergences use local autograd.
     """
     kd_scale = 1.0 - hard_weight
+    if kind == "forward_kl" and hard_weight == 0:
+        kd_sum, grad = _forward_kl_lean(z, targets, tok_w, temperature)
+        return kd_sum, kd_sum, kd_sum.new_zeros(()), grad
     if kind == "forward_kl":
         s_logp = F.log_softmax(z / temperature, dim=-1)
         p_s = s_logp.exp()
@@ -145,9 +203,9 @@ def _chunk_loss_and_grad(
 class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, t_logprobs, t_indices, labels, tok_w, ce_w, kind, temperature, hard_weight, chunk
+        ctx, hidden, weight, t_logprobs, t_indices, t_tail, labels, tok_w, ce_w, kind, temperature, hard_weight, chunk
     ):
-        targets = TeacherTargets(t_logprobs, t_indices)
+        targets = TeacherTargets(t_logprobs, t_indices, t_tail)
         n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
         # Accumulate in fp32 at least (bf16 activations on GPU), in fp64 when given fp64.
@@ -160,11 +218,11 @@ class _ChunkedDistill(torch.autograd.Function):
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
             h = hidden[sl].to(acc)
-            z = h @ w32.t()  # [c, V]
             lab = None if labels is None else labels[sl]
             cw = None if ce_w is None else ce_w[sl]
+            # logits [c, V] go straight in (no name keeps them: the lean path reuses their memory)
             t, kd, ce, g = _chunk_loss_and_grad(
-                z, targets[sl], lab, tok_w[sl].to(acc), cw, kind, temperature, hard_weight
+                h @ w32.t(), targets[sl], lab, tok_w[sl].to(acc), cw, kind, temperature, hard_weight
             )
             total += t
             kd_total += kd
@@ -182,7 +240,7 @@ class _ChunkedDistill(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * g_total
         gw = None if grad_w is None else grad_w * g_total
-        return gh, gw, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None
 
 
 def chunked_distill_loss(
@@ -215,6 +273,7 @@ def chunked_distill_loss(
         weight,
         targets.logprobs,
         targets.indices,
+        targets.tail,
         labels,
         tok_w,
         ce_w,

@@ -14,10 +14,14 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from .failures import hub_error_message
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +32,41 @@ class TeacherError(RuntimeError):
 
 @dataclass
 class Teacher:
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None until `ensure_model()` after load_teacher(..., load_model=False)
     tokenizer: object
     name: str
     vocab_size: int  # logit width, which can exceed len(tokenizer) (Qwen2.5: 151936 vs 151665)
     source: str  # "hub", "folder" or "gguf"
+    load_model_fn: Callable[[], torch.nn.Module] | None = field(default=None, repr=False, compare=False)
+    config: Any = field(default=None, repr=False, compare=False)
+
+    def ensure_model(self) -> torch.nn.Module:
+        """The model, loaded now if loading was deferred (e.g. a run served by the teacher logit cache)."""
+        if self.model is None:
+            if self.load_model_fn is None:
+                raise TeacherError(f"teacher {self.name} was loaded without its model and cannot load it")
+            log.info("loading teacher model %s", self.name)
+            try:
+                self.model = self.load_model_fn()
+            except (OSError, ValueError) as e:
+                raise TeacherError(f"cannot load teacher model {self.name}: {str(e).splitlines()[0]}") from e
+        return self.model
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        if self.model is None and self.config is not None:  # count on the meta device: loads nothing
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                return sum(p.numel() for p in AutoModelForCausalLM.from_config(self.config).parameters())
+        return sum(p.numel() for p in self.ensure_model().parameters())
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids/attention_mask [B, S] -> logits [B, S, V] in the teacher's dtype."""
-        dev = next(self.model.parameters()).device
-        out = self.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False)
+        model = self.ensure_model()
+        dev = next(model.parameters()).device
+        out = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), use_cache=False)
         return out.logits
 
 
@@ -76,6 +100,40 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def quantization_kwargs(kind: str | None, device: torch.device, dtype: torch.dtype) -> dict:
+    """from_pretrained kwargs for bitsandbytes 8-bit or 4-bit (NF4) teacher weights; {} for "none"."""
+    if kind in (None, "none"):
+        return {}
+    if kind not in ("8bit", "4bit"):
+        raise TeacherError(f"--teacher-quantization must be none, 8bit or 4bit, got {kind!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TeacherError(
+            f"--teacher-quantization {kind} needs the bitsandbytes package (pip install bitsandbytes; CUDA "
+            "GPUs only); or drop the flag and use --teacher-dtype bfloat16"
+        )
+    if device.type != "cuda":
+        raise TeacherError(
+            f"--teacher-quantization {kind} needs the teacher on a CUDA GPU, not {device}; pass "
+            "--teacher-device cuda or drop the flag"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        qcfg = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        compute = dtype if dtype != torch.float32 else torch.bfloat16
+        qcfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"quantization_config": qcfg, "device_map": {"": index}}
 
 
 def _gguf_cache_dir(path: Path) -> Path:
@@ -119,8 +177,13 @@ def load_teacher(
     device: torch.device | str = "cpu",
     dtype: str = "auto",
     revision: str | None = None,
+    quantization: str = "none",
+    load_model: bool = True,
 ) -> Teacher:
-    """Load a causal LM teacher in eval mode with every parameter frozen."""
+    """Load a causal LM teacher in eval mode with every parameter frozen.
+
+    quantization: "8bit" / "4bit" load the weights through bitsandbytes (CUDA only).
+    load_model=False: tokenizer and config only; `Teacher.ensure_model()` loads the weights when needed."""
     device = torch.device(device)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
@@ -137,11 +200,31 @@ def load_teacher(
     else:
         load_from, source = name_or_path, "hub"
     torch_dtype = resolve_dtype(dtype, device)
+    quant = quantization_kwargs(quantization, device, torch_dtype)
     with quiet_transformers() as tf:
         try:
             tokenizer = tf.AutoTokenizer.from_pretrained(load_from, revision=revision)
-            model = tf.AutoModelForCausalLM.from_pretrained(load_from, revision=revision, dtype=torch_dtype)
+
+            def load_model_fn() -> torch.nn.Module:
+                with quiet_transformers() as tf2:
+                    m = tf2.AutoModelForCausalLM.from_pretrained(
+                        load_from, revision=revision, dtype=torch_dtype, **quant
+                    )
+                if not quant:  # bitsandbytes models are placed by device_map and cannot be moved
+                    m.to(device)
+                m.eval()
+                m.requires_grad_(False)
+                return m
+
+            model = load_model_fn() if load_model else None
+            if model is not None:
+                config = model.config
+            else:
+                config = tf.AutoConfig.from_pretrained(load_from, revision=revision)
         except OSError as e:
+            hub_fix = hub_error_message(name_or_path, e) if source == "hub" else None
+            if hub_fix:  # gated or private model, refused token: the user has to act on the Hub
+                raise TeacherError(hub_fix) from e
             if source == "hub":
                 raise TeacherError(
                     f"teacher {name_or_path!r} is not a local path and could not be fetched from the Hugging "
@@ -153,19 +236,25 @@ def load_teacher(
             raise TeacherError(
                 f"{name_or_path!r} is not a causal language model: {str(e).splitlines()[0]}"
             ) from e
-    model.to(device).eval()
-    model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of every loss, so any id works; EOS is the usual choice.
+        # Without any of them the pad id stays None: batches then pad with id 0 (data.pad_batch), which
+        # every teacher has a logit row for, instead of a new <pad> the teacher's logits may not cover.
         fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
-        if fallback is None:
-            tokenizer.add_special_tokens({"pad_token": "<pad>"})
-        else:
+        if fallback is not None:
             tokenizer.pad_token = fallback
-    out_emb = model.get_output_embeddings()
-    vocab = int(out_emb.weight.shape[0]) if out_emb is not None else int(model.config.vocab_size)
+    out_emb = model.get_output_embeddings() if model is not None else None
+    vocab = int(out_emb.weight.shape[0]) if out_emb is not None else int(config.vocab_size)
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= vocab:
         raise TeacherError(
             f"tokenizer pad id {tokenizer.pad_token_id} is outside the teacher's {vocab} logits"
         )
-    return Teacher(model=model, tokenizer=tokenizer, name=name_or_path, vocab_size=vocab, source=source)
+    return Teacher(
+        model=model,
+        tokenizer=tokenizer,
+        name=name_or_path,
+        vocab_size=vocab,
+        source=source,
+        load_model_fn=load_model_fn,
+        config=config,
+    )

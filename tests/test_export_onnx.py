@@ -56,7 +56,7 @@ def exported(tmp_path_factory, tiny_tokenizer):
     """One export with every option: fp32 + int8, full + decode graphs, .ort files."""
     d = tmp_path_factory.mktemp("onnx_all")
     model_path = make_artifacts(d, tiny_tokenizer)
-    result = export_onnx(model_path, quantize="int8", decode_graph=True, ort=True)
+    result = export_onnx(model_path, quantize="int8", decode_graph=True, ort=True, seq_lens=(1, 7, 16))
     model, _ = load_student(model_path)
     return d, result, model
 
@@ -175,7 +175,7 @@ def test_metadata_records_the_export(exported):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_onnx_backend_greedy_equals_pytorch_backend(exported):
+def test_onnx_backend_greedy_equals_pytorch_backend(exported, capsys):
     from snn_distill.backends.onnx import ONNXSNNBackend, decode_sibling
     from snn_distill.backends.snn import SNNLLMBackend
 
@@ -192,6 +192,11 @@ def test_onnx_backend_greedy_equals_pytorch_backend(exported):
             assert be.uses_decode_graph is decode and be.tokenizer_source.startswith("artifact:")
             assert be.generate(PROMPT, max_tokens=16) == want
             assert be.last_token_ids == ref_ids
+    from snn_distill.cli import generate_main
+
+    capsys.readouterr()
+    assert generate_main([PROMPT, "--artifacts", str(d), "--backend", "onnx", "--max-tokens", "16"]) == 0
+    assert capsys.readouterr().out == want + "\n"
     logits = be.model(torch.tensor([[1, 2, 3], [4, 5, 6]]))
     assert tuple(logits.shape) == (2, 3, 384)
     assert decode_sibling(d / "student.int8.onnx").name == "student.decode.int8.onnx"

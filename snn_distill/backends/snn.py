@@ -183,6 +183,8 @@ class SNNLLMBackend(LLMBackend):
         self.device = self._pick_device(device)
         self.model, self.model_kind = self._load_model()
         self._step_api = hasattr(self.model, "forward_step") and self.model_kind != "stub"
+        # Cached decoding (one position per new token); False recomputes the whole window each step.
+        self.use_cache = self._step_api
         self.is_stub = self.model_kind == "stub"
         self._setup_vocab()
 
@@ -338,7 +340,7 @@ class SNNLLMBackend(LLMBackend):
 
         x = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            if self._step_api:
+            if self.use_cache:
                 logits, past = self.model.forward_step(x, None)
                 return past, self._logits_row(logits)
             return list(prompt_ids), self._logits_row(self.model(x))
@@ -350,7 +352,7 @@ class SNNLLMBackend(LLMBackend):
         import torch
 
         with torch.inference_mode():
-            if self._step_api:
+            if self.use_cache:
                 x = torch.tensor([[token_id]], dtype=torch.long, device=self.device)
                 logits, past = self.model.forward_step(x, state)
                 return past, self._logits_row(logits)

