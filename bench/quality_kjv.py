@@ -280,33 +280,50 @@ def precompute(teacher: CachedTeacher, batcher: BlockBatcher, train_blocks, held
 
 
 def measure(teacher: CachedTeacher, batcher: BlockBatcher, args) -> dict[str, float]:
-    """Seconds per step of the teacher and of each student's forward+backward+update."""
+    """Seconds per step of the teacher and of each student's forward+backward+update.
+
+    Wall seconds depend on what else runs on the machine; process CPU seconds (all threads) divided
+    by the thread count estimate the wall time on an otherwise idle machine, which is how the default
+    --steps was chosen (see bench/results/quality.md).
+    """
     from snn_distill.config import StudentConfig
-    from snn_distill.distill import distill_step, make_optimizer, teacher_targets
+    from snn_distill.distill import distill_step, make_optimizer
+    from snn_distill.losses import TeacherTargets
     from snn_distill.student import SpikingStudentLM
 
-    batches = [batcher.next_batch() for _ in range(args.measure + 1)]
-    t0 = time.perf_counter()
-    targets = [teacher_targets(teacher.teacher, ids, m, 1.0) for ids, m in batches]
-    res = {"teacher_s_per_step": (time.perf_counter() - t0) / len(batches)}
+    threads = torch.get_num_threads()
+    batches = [batcher.next_batch() for _ in range(args.measure + 1)]  # the first training batches: cached
+    targets = []
+    for ids, m in batches:
+        logits = teacher.logits(ids, m)
+        targets.append(TeacherTargets(torch.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)))
+    w0, c0 = time.perf_counter(), time.process_time()
+    teacher.teacher.logits(*batches[0])
+    res: dict[str, float] = {
+        "threads": threads,
+        "teacher_wall_s_per_step": time.perf_counter() - w0,
+        "teacher_cpu_s_per_step": time.process_time() - c0,
+    }
     cfg = TrainConfig(teacher_model="x", batch_size=args.batch_size)
     for kind in args.students:
+        torch.manual_seed(0)
         student = SpikingStudentLM(StudentConfig(vocab_size=teacher.vocab_size, student_type=kind))
         opt = make_optimizer(student, 1e-3, 0.01)
-        times = []
+        wall, cpu = [], []
         for (ids, m), tg in zip(batches, targets):
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             distill_step(student, [(ids, m, tg)], cfg, torch.device("cpu"))
             opt.step()
             opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-        res[f"{kind}_s_per_step"] = sorted(times[1:])[len(times[1:]) // 2]  # median, first step is warm-up
-    for kind in args.students:
-        per = res[f"{kind}_s_per_step"]
-        res[f"{kind}_steps_for_{args.minutes:g}_min"] = int(args.minutes * 60 / per)
-        res[f"{kind}_steps_for_{args.minutes:g}_min_with_teacher"] = int(
-            args.minutes * 60 / (per + res["teacher_s_per_step"])
-        )
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+        wall, cpu = sorted(wall[1:]), sorted(cpu[1:])  # the first step warms up
+        res[f"{kind}_wall_s_per_step"] = wall[len(wall) // 2]
+        res[f"{kind}_cpu_s_per_step"] = cpu[len(cpu) // 2]
+        idle = res[f"{kind}_cpu_s_per_step"] / threads
+        res[f"{kind}_idle_machine_s_per_step"] = idle
+        res[f"{kind}_steps_for_{args.minutes:g}_min_idle_machine"] = int(args.minutes * 60 / idle)
+        res[f"{kind}_steps_for_{args.minutes:g}_min_wall_now"] = int(args.minutes * 60 / res[f"{kind}_wall_s_per_step"])
     return res
 
 

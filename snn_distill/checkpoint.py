@@ -10,7 +10,6 @@ The file is loaded with `weights_only=True`, so it holds only tensors and plain 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import random
@@ -73,10 +72,6 @@ def run_fingerprint(train_cfg: Any, student_cfg: Any, world_size: int) -> dict[s
     fp.update({f"student.{k}": v for k, v in sc.items()})
     fp["world_size"] = int(world_size)
     return json.loads(json.dumps(fp, default=str))
-
-
-def fingerprint_digest(fp: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -198,7 +198,10 @@ def parse_train_args(argv: list[str] | None, prog: str = "train_snn_student.py")
         # metadata stores --no-git-tracking as git_tracking and --qat as qat_int8
         if "git_tracking" in data and "no_git_tracking" not in data:
             data["no_git_tracking"] = not data["git_tracking"]
-        parser.set_defaults(**{k: v for k, v in data.items() if k in known and k != "config"})
+        # --resume / --dry-run are actions of one invocation, never inherited from a file (a resumed
+        # run's metadata.json records resume=true)
+        skip = {"config", "resume", "dry_run"}
+        parser.set_defaults(**{k: v for k, v in data.items() if k in known and k not in skip})
     args = parser.parse_args(argv)
     if not args.teacher_model:
         parser.error("--teacher-model is required (a Hugging Face id, a local folder or a .gguf file)")
@@ -316,7 +319,7 @@ def _train(args: argparse.Namespace) -> None:
         print(plan_from_args(cfg, student_args, world_size=env_world_size()).format())
         return
     configure_threads()
-    cli_config = {k: v for k, v in vars(args).items() if k not in ("resume", "dry_run")}
+    cli_config = {k: v for k, v in vars(args).items()}
     cli_config["tokenizer_name"] = args.teacher_model
     run = train(cfg, student_args, cli_config=cli_config, progress=not args.quiet)
     if run.rank != 0:  # data-parallel: rank 0 alone reports

@@ -69,6 +69,24 @@ def teacher_device(teacher: Teacher) -> torch.device | None:
     return next((p.device for p in teacher.model.parameters()), None)
 
 
+def pick_teacher_device(name: str) -> torch.device:
+    """--teacher-device: cpu, cuda or cuda:N (checked against the visible GPUs)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"--teacher-device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise TrainingError(
+                f"--teacher-device {name} was asked for but {count} CUDA GPU(s) are visible; "
+                "use --teacher-device cpu or another GPU index"
+            )
+    elif dev.type != "cpu":
+        raise TrainingError(f"--teacher-device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError(
@@ -328,7 +346,7 @@ def train(
         )
     if teacher is None:
         log.info("loading teacher %s", cfg.teacher_model)
-        tdev = local_device(torch.device(cfg.teacher_device), dctx) if cfg.teacher_device else device
+        tdev = local_device(pick_teacher_device(cfg.teacher_device), dctx) if cfg.teacher_device else device
         teacher = load_teacher(
             cfg.teacher_model,
             device=tdev,

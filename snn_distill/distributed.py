@@ -27,6 +27,10 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+class DistributedError(ValueError):
+    """A torchrun setup that cannot work (e.g. more processes than GPUs); the message says what to change."""
+
+
 @dataclass
 class DistContext:
     """Where this process stands in a data-parallel job (rank 0 of 1 when not distributed)."""
@@ -67,9 +71,15 @@ def init_distributed(device: torch.device) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support")
+        raise DistributedError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise DistributedError(
+                f"process {local_rank} of {local_world} on this machine has no GPU of its own ({gpus} visible); "
+                "pass --nproc_per_node at most the number of GPUs, or --device cpu"
+            )
         torch.cuda.set_device(local_rank)
     else:
         # Several CPU workers on one machine share its cores; give each its slice.

@@ -291,7 +291,8 @@ def efficiency_report(
     ops = operation_counts(cfg, layers, mean_context)
     if not cfg.spiking:  # the model is the ANN twin: only its own figures apply
         ops = {k: v for k, v in ops.items() if k.startswith("ann_")} | {
-            "breakdown_per_token": {"ann_mac": ops["breakdown_per_token"]["ann_mac"]}
+            "without_lm_head": {"ann_energy_nj": ops["without_lm_head"]["ann_energy_nj"]},
+            "breakdown_per_token": {"ann_mac": ops["breakdown_per_token"]["ann_mac"]},
         }
     rep.update(ops)
     rep["energy_pj_per_op"] = {"ac": AC_PJ, "mac": MAC_PJ}

@@ -93,7 +93,9 @@ def hub_error_message(name: str, e: BaseException) -> str | None:
         GatedRepoError = RepositoryNotFoundError = ()  # type: ignore[assignment,misc]  # noqa: N806
     chain = list(_chain(e))
     texts = " ".join(str(x) for x in chain).lower()
-    if any(isinstance(x, GatedRepoError) for x in chain) or "gated repo" in texts:
+    # transformers re-raises GatedRepoError as "You are trying to access a gated repo" (an OSError); the
+    # Hub's text for an unknown repo ("... a private or gated repo ...") is not a gated answer.
+    if any(isinstance(x, GatedRepoError) for x in chain) or "access a gated repo" in texts:
         return (
             f"teacher {name!r} is a gated model: accept its licence on https://huggingface.co/{name}, then run "
             "`hf auth login` or set HF_TOKEN to a token of that account, and run again"

@@ -100,47 +100,53 @@ def kd_per_token(
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product [n, V] x [n, V] -> [n] without an [n, V] temporary (batched GEMV)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """Row-wise dot product [n, V] x [n, V] -> [n] without an [n, V] temporary."""
+    return torch.linalg.vecdot(a, b)
 
 
 def _forward_kl_lean(
-    z: torch.Tensor, targets: TeacherTargets, tok_w: torch.Tensor, temperature: float
+    z: torch.Tensor, targets: TeacherTargets, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward KL without hard labels (the default): (weighted kd sum, d/dz) for logits z [n, V].
+    """Forward KL without hard labels (the default): (kd per token, T^2-scaled, [n]; G [n, V]) for
+    logits z [n, V], where d(T^2 KL)/dz = T * G; the caller folds T and the token weights into the
+    [n, D]-sized matmul operands instead of another [n, V] pass. Overwrites z.
 
-    Overwrites z. Holds two [n, V] buffers (z, then the student's log-probs turned in place into the
-    gradient) plus the teacher's probabilities for full targets, where the plain formulation holds
-    eight; every [n, V] pass that is not needed is gone:
-    KL = sum p_t log p_t - sum p_t log p_s (row dot products), d(T^2 KL)/dz = T (p_s - q)."""
+    Seven [n, V] passes and two [n, V] buffers (besides z), where the plain formulation makes about
+    fifteen passes and eight buffers:
+      lse = max(z) - log(max(softmax(z)))             (two cheap max reductions, no logsumexp buffer)
+      full targets:  KL = lse - sum p_t (z - log p_t),     G = p_s - p_t
+      top-k + tail:  (k+1)-bin KL on [n, k] gathers,       G = p_s * (1 - r) off the top k,
+                     p_s - p_t on it, with r = tail_t / tail_s (the teacher's tail spread like the
+                     student's own tail).
+    """
     if temperature != 1.0:
         z.div_(temperature)
-    s_logp = torch.log_softmax(z, dim=-1)
-    del z
+    zmax = z.amax(dim=1)
+    p_s = torch.softmax(z, dim=-1)
+    lse = zmax - p_s.amax(dim=1).log()  # p_s max = exp(zmax - lse), >= 1/V: well conditioned
     if targets.indices is None:
-        t_logp = targets.logprobs.to(s_logp.dtype)
+        t_logp = targets.logprobs.to(z.dtype)
         p_t = t_logp.exp()
-        kd = _rowdot(p_t, t_logp) - _rowdot(p_t, s_logp)
-        grad = s_logp.exp_()  # p_s
-        grad.sub_(p_t)
+        z.sub_(t_logp)
+        kd = lse - _rowdot(p_t, z)
+        del z
+        grad = p_s.sub_(p_t)
     else:
-        # (k+1)-bin KL; gradient target: the teacher's top-k, its tail mass spread like the student's tail.
         idx = targets.indices
-        s_top = s_logp.gather(1, idx)
-        t_top = targets.logprobs.to(s_logp.dtype)
+        s_top = z.gather(1, idx) - lse[:, None]
+        del z
+        t_top = targets.logprobs.to(s_top.dtype)
         s_tail = _log1mexp(torch.logsumexp(s_top, dim=1))
         if targets.tail is not None:
-            t_tail = targets.tail.to(s_logp.dtype)
+            t_tail = targets.tail.to(s_top.dtype)
         else:
             t_tail = _log1mexp(torch.logsumexp(t_top, dim=1))
         p_top = t_top.exp()
         kd = (p_top * (t_top - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
         ratio = (t_tail - s_tail).exp()
-        grad = s_logp.exp_()  # p_s
-        grad.mul_((1.0 - ratio)[:, None])
+        grad = p_s.mul_((1.0 - ratio)[:, None])
         grad.scatter_(1, idx, s_top.exp() - p_top)
-    grad.mul_((temperature * tok_w)[:, None])
-    return (kd * (temperature**2) * tok_w).sum(), grad
+    return kd * temperature**2, grad
 
 
 def _chunk_loss_and_grad(
@@ -159,9 +165,6 @@ def _chunk_loss_and_grad(
     which saves the autograd bookkeeping on the hot path; the other divergences use local autograd.
     """
     kd_scale = 1.0 - hard_weight
-    if kind == "forward_kl" and hard_weight == 0:
-        kd_sum, grad = _forward_kl_lean(z, targets, tok_w, temperature)
-        return kd_sum, kd_sum, kd_sum.new_zeros(()), grad
     if kind == "forward_kl":
         s_logp = F.log_softmax(z / temperature, dim=-1)
         p_s = s_logp.exp()
@@ -215,22 +218,37 @@ class _ChunkedDistill(torch.autograd.Function):
         kd_total = total.clone()
         ce_total = total.clone()
         w32 = weight.to(acc)
+        lean = kind == "forward_kl" and hard_weight == 0  # the default: closed form, fewest [c, V] passes
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
             h = hidden[sl].to(acc)
-            lab = None if labels is None else labels[sl]
-            cw = None if ce_w is None else ce_w[sl]
-            # logits [c, V] go straight in (no name keeps them: the lean path reuses their memory)
-            t, kd, ce, g = _chunk_loss_and_grad(
-                h @ w32.t(), targets[sl], lab, tok_w[sl].to(acc), cw, kind, temperature, hard_weight
-            )
+            tw = tok_w[sl].to(acc)
+            z = h @ w32.t()  # [c, V]
+            if lean:
+                # d(loss)/dz = G * (T * tok_w) per row: the row scale goes onto the [c, D] operands
+                kd_tok, g = _forward_kl_lean(z, targets[sl], temperature)
+                del z
+                kd = (kd_tok * tw).sum()
+                t, ce = kd, kd.new_zeros(())
+                row = temperature * tw
+                g_h = h * row[:, None]
+            else:
+                lab = None if labels is None else labels[sl]
+                cw = None if ce_w is None else ce_w[sl]
+                t, kd, ce, g = _chunk_loss_and_grad(z, targets[sl], lab, tw, cw, kind, temperature, hard_weight)
+                del z
+                row, g_h = None, h
             total += t
             kd_total += kd
             ce_total += ce
             if grad_h is not None:
-                grad_h[sl] = (g @ w32).to(hidden.dtype)
+                gh = g @ w32
+                if row is not None:
+                    gh.mul_(row[:, None])
+                grad_h[sl] = gh.to(hidden.dtype)
             if grad_w is not None:
-                grad_w.addmm_(g.t(), h)
+                grad_w.addmm_(g.t(), g_h)
+            del g
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         ctx.mark_non_differentiable(kd_total, ce_total)
         return total, kd_total, ce_total

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from snn_distill.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from snn_distill.cli import train_main
+from snn_distill.cli import parse_train_args, train_main
 from snn_distill.config import StudentConfig, TrainConfig
 from snn_distill.distill import TrainingInterrupted, train
 from snn_distill.memory_plan import GIB, plan_memory, student_activation_values, teacher_shape
@@ -275,6 +275,9 @@ def test_sigint_writes_a_checkpoint_and_says_how_to_resume(tiny_teacher_dir, tmp
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["training_results"]["steps"] == 12
     assert [s for s, _ in _csv_losses(out / "training_log.csv")] == list(range(1, 13))
+    # the resumed run's metadata, reused as --config, does not make the next run resume
+    assert meta["config"]["resume"] is True
+    assert parse_train_args(["--config", str(out / "metadata.json")]).resume is False
 
 
 # ---- memory plan and --dry-run ---------------------------------------------------------------------
@@ -504,3 +507,23 @@ def test_train_a_wider_deeper_student_with_checkpointing(tiny_teacher_dir, tmp_p
     assert rc == 0, capsys.readouterr().err
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["architecture"]["dim"] == 256 and meta["architecture"]["gradient_checkpointing"] is True
+
+
+@pytest.mark.parametrize("dev,match", [("gpu", "is not a device"), ("cuda:7", "CUDA GPU(s) are visible")])
+def test_bad_teacher_device_is_one_line(tiny_teacher_dir, tmp_path, capsys, dev, match):
+    if dev.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8+ GPUs")
+    rc = train_main(
+        [
+            "--teacher-model",
+            str(tiny_teacher_dir),
+            "--teacher-device",
+            dev,
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--quiet",
+            *TINY,
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and match in err and err.count("\n") == 0
