@@ -31,10 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+# Before torch loads libgomp: spinning OpenMP waits stall on shared cores (see snn_distill/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
 from common import (  # noqa: E402
     interleaved,
     load_average,
@@ -251,9 +252,47 @@ def tiny_llama_teacher(vocab: int, hidden: int, layers: int, tokenizer):
     return Teacher(model=model, tokenizer=tokenizer, name="random-llama", vocab_size=vocab, source="folder")
 
 
-def utilization_case(args, name, teacher, scfg: StudentConfig, data, count_body_T: bool) -> list[str]:
+class StraightforwardStep:
+    """The baseline the issue describes: teacher log-softmax over every position, the student's full
+    [B, S, V] logits, the plain loss (`losses.reference_distill_loss`, autograd through [N, V]), the
+    per-timestep LIF loop (fused_lif=False); same optimizer, clipping and data."""
+
+    def __init__(self, scfg: StudentConfig, cfg: TrainConfig, seed: int = 0) -> None:
+        import dataclasses
+
+        torch.manual_seed(seed)
+        self.student = SpikingStudentLM(dataclasses.replace(scfg, fused_lif=False))
+        self.student.train()
+        self.opt = make_optimizer(self.student, cfg.lr, cfg.weight_decay)
+        self.cfg = cfg
+
+    def __call__(self, teacher, ids, mask) -> float:
+        import torch.nn.functional as F
+
+        from snn_distill.losses import reference_distill_loss
+
+        temp = self.cfg.temperature
+        with torch.no_grad():
+            t_logp = F.log_softmax(teacher.logits(ids, mask).float() / temp, dim=-1)
+        rows = mask.reshape(-1).bool()
+        v = t_logp.shape[-1]
+        logits = self.student(ids).reshape(-1, v)[rows]
+        n = logits.shape[0]
+        loss = reference_distill_loss(
+            logits, TeacherTargets(t_logp.reshape(-1, v)[rows]), torch.full((n,), 1.0 / n), temperature=temp
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+def utilization_case(args, name, teacher, scfg: StudentConfig, data, count_body_T: bool) -> list[list[str]]:
+    """Rounds of (matmul probe, this implementation's step, straightforward step); per-round ratios."""
     cfg = TrainConfig(teacher_model="bench", loss_chunk_tokens=args.chunk)
     step = StudentStep(scfg, cfg)
+    plain = StraightforwardStep(scfg, cfg) if args.baseline else None
     s = step.student
     n_student = s.num_parameters()
     n_body = body_parameters(s)
@@ -269,64 +308,79 @@ def utilization_case(args, name, teacher, scfg: StudentConfig, data, count_body_
         formula = "(6 student + 2 teacher) tokens"
     it = cycle(data)
 
-    def one():
+    def lean():
         ids, mask, _ = next(it)
         step(ids, mask, teacher_targets(teacher, ids, mask, cfg.temperature, cfg.loss_chunk_tokens))
 
+    def straightforward():
+        ids, mask, _ = next(it)
+        plain(teacher, ids, mask)
+
+    variants = {"this implementation": lean}
+    if plain is not None:
+        variants["straightforward baseline"] = straightforward
     for _ in range(args.warmup):
-        one()
-    flops, secs, utils = [], [], []
-    for _ in range(args.repeats):
+        for fn in variants.values():
+            fn()
+    flops: list[float] = []
+    secs: dict[str, list[float]] = {k: [] for k in variants}
+    utils: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.repeats):
         f = probe_flops()
-        t0 = time.perf_counter()
-        one()
-        dt = time.perf_counter() - t0
         flops.append(f)
-        secs.append(dt)
-        utils.append(work / (f * dt))
-    f, dt, u = statistics.median(flops), statistics.median(secs), statistics.median(utils)
-    print(f"  utilization {name}: {u:.3f} (probe {f / 1e9:.1f} GFLOP/s, step {dt * 1e3:.0f} ms)", flush=True)
-    return [
-        name,
-        f"{n_student / 1e6:.2f}M (body {n_body / 1e6:.2f}M)",
-        f"{n_teacher / 1e6:.1f}M",
-        formula,
-        f"{work / 1e9:.1f}",
-        f"{dt * 1e3:.0f}",
-        f"{f / 1e9:.1f}",
-        f"{work / dt / 1e9:.1f}",
-        f"**{u:.3f}**",
-    ]
+        for k in list(variants) if r % 2 == 0 else list(variants)[::-1]:
+            t0 = time.perf_counter()
+            variants[k]()
+            dt = time.perf_counter() - t0
+            secs[k].append(dt)
+            utils[k].append(work / (f * dt))
+    f = statistics.median(flops)
+    rows = []
+    for k in variants:
+        dt, u = statistics.median(secs[k]), statistics.median(utils[k])
+        print(f"  utilization {name} [{k}]: {u:.3f} (probe {f / 1e9:.1f} GFLOP/s, step {dt * 1e3:.0f} ms)", flush=True)
+        rows.append(
+            [
+                name,
+                k,
+                f"{n_student / 1e6:.2f}M (body {n_body / 1e6:.2f}M)",
+                f"{n_teacher / 1e6:.1f}M",
+                formula,
+                f"{work / 1e9:.1f}",
+                f"{dt * 1e3:.0f}",
+                f"{f / 1e9:.1f}",
+                f"{work / dt / 1e9:.1f}",
+                f"**{u:.3f}**" if k == "this implementation" else f"{u:.3f}",
+            ]
+        )
+    return rows
 
 
 def row_utilization(args, smol) -> str:
     rows = []
     data, _ = batches(smol.tokenizer, args.batch_size, args.seq_len, 4)
-    rows.append(
-        utilization_case(
-            args,
-            "default: dim 128 x 2, vocab 49,152, live SmolLM2-135M",
-            smol,
-            StudentConfig(vocab_size=smol.vocab_size),
-            data,
-            count_body_T=False,
-        )
+    rows += utilization_case(
+        args,
+        "default: dim 128 x 2, vocab 49,152, live SmolLM2-135M",
+        smol,
+        StudentConfig(vocab_size=smol.vocab_size),
+        data,
+        count_body_T=False,
     )
     small = tiny_llama_teacher(2048, args.small_teacher_hidden, args.small_teacher_layers, smol.tokenizer)
     data2, _ = batches(smol.tokenizer, args.batch_size, args.seq_len, 4, vocab=2048)
-    rows.append(
-        utilization_case(
-            args,
-            f"body-heavy: dim 256 x 4, vocab 2,048, live random Llama ({args.small_teacher_hidden} x "
-            f"{args.small_teacher_layers})",
-            small,
-            StudentConfig(vocab_size=2048, dim=256, depth=4),
-            data2,
-            count_body_T=True,
-        )
+    rows += utilization_case(
+        args,
+        f"body-heavy: dim 256 x 4, vocab 2,048, live random Llama ({args.small_teacher_hidden} x "
+        f"{args.small_teacher_layers})",
+        small,
+        StudentConfig(vocab_size=2048, dim=256, depth=4),
+        data2,
+        count_body_T=True,
     )
     head = [
         "case (spiking student, T=4)",
+        "step",
         "student params",
         "teacher params",
         "necessary work",
@@ -339,8 +393,103 @@ def row_utilization(args, smol) -> str:
     return (
         f"Row 4. Utilization of the whole step (live teacher forward + targets + student forward/backward + "
         f"clip + AdamW) = necessary work / (fp32 matmul FLOP/s measured in the same rounds x step time); batch "
-        f"{args.batch_size} x {args.seq_len} packed tokens, loss chunk {args.chunk}; median of {args.repeats} "
-        "rounds of (probe, step).\n\n" + md_table(head, rows)
+        f"{args.batch_size} x {args.seq_len} packed tokens, loss chunk {args.chunk}; median over {args.repeats} "
+        "rounds of (probe, steps), per-round ratios. The straightforward baseline (teacher log-softmax over all "
+        "positions, full student logits, plain autograd loss, per-timestep LIF loop) runs in the same rounds."
+        "\n\n" + md_table(head, rows)
+    )
+
+
+# ---- process setup: OpenMP waiting and the allocator (child processes) ------------------------------
+
+SETUPS = {
+    # name: (OMP_WAIT_POLICY, threads, keep freed memory)
+    "2 threads, OpenMP spin-wait (libgomp default), default malloc": ("ACTIVE", 2, False),
+    "2 threads, passive wait, default malloc": ("PASSIVE", 2, False),
+    "2 threads, passive wait, heap kept (train default)": ("PASSIVE", 2, True),
+    "1 thread, heap kept": ("PASSIVE", 1, True),
+}
+SETUP_SHAPES = {
+    "dim 128 x 2, vocab 49,152": dict(vocab_size=49152, dim=128, depth=2),
+    "dim 256 x 4, vocab 2,048": dict(vocab_size=2048, dim=256, depth=4),
+}
+
+
+def child_step(args) -> None:
+    """In a fresh process (env set by the parent): median seconds of the spiking student's step."""
+    import json
+
+    from snn_distill.distill import keep_freed_memory
+
+    torch.set_num_threads(args.child_threads)
+    if args.child_keep_freed:
+        keep_freed_memory()
+    shape = SETUP_SHAPES[args.child_shape]
+    cfg = TrainConfig(teacher_model="bench", loss_chunk_tokens=args.chunk)
+    step = StudentStep(StudentConfig(**shape), cfg)
+    n = args.batch_size * args.seq_len
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape["vocab_size"], (args.batch_size, args.seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    targets = random_targets(n, shape["vocab_size"])
+    for _ in range(args.warmup):
+        step(ids, mask, targets)
+    times = []
+    for _ in range(args.child_steps):
+        t0 = time.perf_counter()
+        step(ids, mask, targets)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"median_s": statistics.median(times)}))
+
+
+def row_setup(args) -> str:
+    import json
+    import subprocess
+
+    results: dict[tuple[str, str], list[float]] = {}
+    for r in range(args.setup_rounds):
+        order = list(SETUPS) if r % 2 == 0 else list(SETUPS)[::-1]
+        for shape in SETUP_SHAPES:
+            for name in order:
+                policy, threads, keep = SETUPS[name]
+                env = dict(os.environ, OMP_WAIT_POLICY=policy)
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child-shape",
+                    shape,
+                    "--child-threads",
+                    str(threads),
+                    "--child-steps",
+                    str(args.setup_steps),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--seq-len",
+                    str(args.seq_len),
+                    "--chunk",
+                    str(args.chunk),
+                    "--warmup",
+                    "1",
+                ]
+                if keep:
+                    cmd.append("--child-keep-freed")
+                out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+                sec = json.loads(out.strip().splitlines()[-1])["median_s"]
+                results.setdefault((shape, name), []).append(sec)
+                print(f"  setup round {r} {shape} | {name}: {sec * 1e3:.0f} ms", flush=True)
+    rows = []
+    for shape in SETUP_SHAPES:
+        base = statistics.median(results[(shape, next(iter(SETUPS)))])
+        for name in SETUPS:
+            m = statistics.median(results[(shape, name)])
+            rows.append([shape, name, f"{m * 1e3:.0f}", f"{base / m:.2f}x"])
+    head = ["student (spiking, T=4)", "process setup", "step ms", "speed-up vs first"]
+    return (
+        f"Process setup. Spiking student step (targets given, batch {args.batch_size} x {args.seq_len}) in fresh "
+        f"processes per setup, setups alternated over {args.setup_rounds} rounds; each process reports the median "
+        f"of {args.setup_steps} steps, the table the median over rounds. `snn_distill.cli` sets "
+        "OMP_WAIT_POLICY=PASSIVE (unless set) and `distill.configure_threads()` keeps freed memory in the heap."
+        "\n\n" + md_table(head, rows)
     )
 
 
@@ -360,9 +509,20 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="row 4 without the baseline")
+    p.add_argument("--setup", action="store_true", help="OpenMP wait policy / allocator / threads comparison")
+    p.add_argument("--setup-rounds", type=int, default=3)
+    p.add_argument("--setup-steps", type=int, default=5)
+    p.add_argument("--child-shape", help=argparse.SUPPRESS)
+    p.add_argument("--child-threads", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--child-steps", type=int, default=5, help=argparse.SUPPRESS)
+    p.add_argument("--child-keep-freed", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if not (args.students or args.cache or args.utilization or args.all):
-        p.error("pick --students, --cache, --utilization or --all")
+    if args.child_shape:
+        child_step(args)
+        return
+    if not (args.students or args.cache or args.utilization or args.setup or args.all):
+        p.error("pick --students, --cache, --utilization, --setup or --all")
     if args.threads:
         torch.set_num_threads(args.threads)
     else:
@@ -371,8 +531,10 @@ def main() -> None:
         configure_threads()
     print(f"machine: {machine_description()}; {load_average()} at start", flush=True)
     print(f"command: python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}\n", flush=True)
-    smol = load_smollm2()
     out = []
+    if args.setup or args.all:
+        out.append(row_setup(args))
+    smol = load_smollm2() if (args.students or args.cache or args.utilization or args.all) else None
     if args.students or args.all:
         out.append(row_students(args, smol.tokenizer))
     if args.cache or args.all:

@@ -17,7 +17,10 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+# Before torch loads libgomp: spinning OpenMP waits stall on shared cores (see snn_distill/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

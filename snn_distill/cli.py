@@ -9,11 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from .config import KD_LOSSES, SCHEDULERS, STUDENT_TYPES, SURROGATES, StudentConfig, TrainConfig
+
+# OpenMP threads that spin while they wait stall when the cores are shared: measured on a 2-core machine
+# running other jobs, a student training step took 4-5x longer with spinning than with passive waiting
+# (bench/results/speed.md). Wait passively unless the user chose otherwise; this must happen before
+# torch loads libgomp, and this module imports no torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("snn_distill")
 

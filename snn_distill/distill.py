@@ -149,11 +149,17 @@ def teacher_targets(
     [chunk, V] block is alive (a 3B teacher's [N, V] fp32 copies are a GiB each)."""
     logits = teacher.logits(input_ids, mask)
     flat = logits.reshape(-1, logits.shape[-1])
-    rows = mask.reshape(-1).bool().to(logits.device).nonzero().squeeze(1)
+    keep = mask.reshape(-1).bool().to(logits.device)
+    rows = keep.nonzero().squeeze(1)
+    dense = rows.numel() == flat.shape[0]  # packed text: every row is real, slice instead of gathering
     out = torch.empty((rows.numel(), flat.shape[-1]), dtype=torch.float32, device=logits.device)
     for i in range(0, rows.numel(), chunk):
-        idx = rows[i : i + chunk]
-        out[i : i + idx.numel()] = torch.log_softmax(flat[idx].float() / temperature, dim=-1)
+        dst = out[i : i + chunk]
+        src = flat[i : i + chunk] if dense else flat[rows[i : i + chunk]]
+        if temperature != 1.0:  # scaled in fp32 into the result, then log-softmax in place
+            src = torch.div(src, temperature, out=dst) if src.dtype == dst.dtype else dst.copy_(src).div_(temperature)
+        # one pass over [chunk, V] (bf16/fp16 logits upcast inside): no fp32 or scaled copies
+        torch.log_softmax(src, dim=-1, dtype=torch.float32, out=dst)
     return TeacherTargets(out)
 
 
@@ -703,6 +709,32 @@ def _log_line(bar, msg: str) -> None:
 
 
 def configure_threads() -> None:
-    """Use every core for intra-op work; inter-op parallelism only adds contention on small CPUs."""
-    n = os.cpu_count() or 1
-    torch.set_num_threads(n)
+    """Use every core this process may run on for intra-op work (inter-op parallelism only adds
+    contention on small CPUs), and keep freed large blocks mapped (`keep_freed_memory`)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))
+    keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """glibc malloc: serve large blocks from the heap (no mmap) and do not trim it below 1 GiB.
+
+    A step allocates and frees several [N, V] tensors (teacher logits, log-probs, loss buffers: 100 MB
+    each for 512 tokens of a 49k vocabulary). By default each is a fresh mmap whose pages fault in zeroed,
+    which on CPU costs more than the arithmetic on them (softmax over [512, 49152] fp32: 3-4x faster
+    with this; bench/results/speed.md). The process keeps its peak heap instead. Linux/glibc only;
+    returns whether it applied."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))

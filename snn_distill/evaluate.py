@@ -371,5 +371,12 @@ def format_report(evaluation: dict[str, Any] | None, efficiency: dict[str, Any] 
             f"  {'energy, nJ (estimate)':<24}{(f'{s_e:.1f}' if s_e is not None else '-'):>10}"
             f"{(f'{a_e:.1f}' if a_e is not None else '-'):>10}"
         )
+        body = eff.get("without_lm_head") or {}
+        if body:
+            s_b, a_b = body.get("snn_energy_nj"), body.get("ann_energy_nj")
+            lines.append(
+                f"  {'  without the LM head':<24}{(f'{s_b:.1f}' if s_b is not None else '-'):>10}"
+                f"{(f'{a_b:.1f}' if a_b is not None else '-'):>10}"
+            )
         lines.append(f"  note: {eff.get('note', ENERGY_NOTE)}")
     return "\n".join(lines)

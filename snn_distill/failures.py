@@ -50,7 +50,7 @@ def out_of_memory_message(
     effective batch, and so the run, stays the same), or shorten the sequences."""
     where = f" at step {step}" if step is not None else ""
     if batch_size > 1:
-        half = max(1, batch_size // 2)
+        half = max(d for d in range(1, batch_size // 2 + 1) if batch_size % d == 0)  # keeps the product exact
         fix = (
             f"use a smaller --batch-size with more --grad-accum-steps to keep the effective batch of "
             f"{batch_size * grad_accum_steps} (e.g. --batch-size {half} --grad-accum-steps "

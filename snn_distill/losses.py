@@ -105,7 +105,11 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_kl_lean(
-    z: torch.Tensor, targets: TeacherTargets, temperature: float
+    z: torch.Tensor,
+    targets: TeacherTargets,
+    temperature: float,
+    p_out: torch.Tensor | None = None,
+    t_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward KL without hard labels (the default): (kd per token, T^2-scaled, [n]; G [n, V]) for
     logits z [n, V], where d(T^2 KL)/dz = T * G; the caller folds T and the token weights into the
@@ -118,15 +122,17 @@ def _forward_kl_lean(
       top-k + tail:  (k+1)-bin KL on [n, k] gathers,       G = p_s * (1 - r) off the top k,
                      p_s - p_t on it, with r = tail_t / tail_s (the teacher's tail spread like the
                      student's own tail).
+    `p_out` / `t_out` ([n, V]) receive p_s (then G) and p_t when given: the caller reuses them over
+    chunks, since fresh pages for large tensors cost more than the arithmetic on them on CPU.
     """
     if temperature != 1.0:
         z.div_(temperature)
     zmax = z.amax(dim=1)
-    p_s = torch.softmax(z, dim=-1)
+    p_s = torch.softmax(z, dim=-1) if p_out is None else torch.softmax(z, dim=-1, out=p_out)
     lse = zmax - p_s.amax(dim=1).log()  # p_s max = exp(zmax - lse), >= 1/V: well conditioned
     if targets.indices is None:
         t_logp = targets.logprobs.to(z.dtype)
-        p_t = t_logp.exp()
+        p_t = t_logp.exp() if t_out is None else torch.exp(t_logp, out=t_out)
         z.sub_(t_logp)
         kd = lse - _rowdot(p_t, z)
         del z
@@ -219,20 +225,28 @@ class _ChunkedDistill(torch.autograd.Function):
         ce_total = total.clone()
         w32 = weight.to(acc)
         lean = kind == "forward_kl" and hard_weight == 0  # the default: closed form, fewest [c, V] passes
+        if lean and n > 0:  # [c, V] work buffers, reused by every chunk
+            shape = (min(chunk, n), weight.shape[0])
+            zbuf = torch.empty(shape, dtype=acc, device=hidden.device)
+            pbuf = torch.empty(shape, dtype=acc, device=hidden.device)
+            tbuf = torch.empty(shape, dtype=acc, device=hidden.device) if t_indices is None else None
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
             h = hidden[sl].to(acc)
             tw = tok_w[sl].to(acc)
-            z = h @ w32.t()  # [c, V]
+            c = h.shape[0]
             if lean:
+                z = torch.mm(h, w32.t(), out=zbuf[:c])  # [c, V]
                 # d(loss)/dz = G * (T * tok_w) per row: the row scale goes onto the [c, D] operands
-                kd_tok, g = _forward_kl_lean(z, targets[sl], temperature)
+                tb = None if tbuf is None else tbuf[:c]
+                kd_tok, g = _forward_kl_lean(z, targets[sl], temperature, p_out=pbuf[:c], t_out=tb)
                 del z
                 kd = (kd_tok * tw).sum()
                 t, ce = kd, kd.new_zeros(())
                 row = temperature * tw
                 g_h = h * row[:, None]
             else:
+                z = h @ w32.t()  # [c, V]
                 lab = None if labels is None else labels[sl]
                 cw = None if ce_w is None else ce_w[sl]
                 t, kd, ce, g = _chunk_loss_and_grad(z, targets[sl], lab, tw, cw, kind, temperature, hard_weight)

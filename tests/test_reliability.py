@@ -347,6 +347,8 @@ def test_out_of_memory_messages_for_real_allocation_failures():
         assert "--max-length (now 512)" in msg
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert "already 1" in out_of_memory_message(py.value, batch_size=1)
+    odd = out_of_memory_message(py.value, batch_size=5, grad_accum_steps=1)
+    assert "effective batch of 5 (e.g. --batch-size 1 --grad-accum-steps 5)" in odd  # the product stays exact
 
 
 def test_out_of_memory_outside_the_training_loop_is_one_line(capsys):
@@ -748,8 +750,11 @@ def _kill_run(cmd: list[str], marker: str | None, delay: float, timeout: float =
     if seen is not None:
         deadline = time.monotonic() + timeout
         while not seen.wait(0.05):
-            assert proc.poll() is None or seen.is_set(), "".join(lines)[-3000:]
+            if proc.poll() is not None:  # ended: the reader still drains what it printed
+                reader.join(30)
+                break
             assert time.monotonic() < deadline, "".join(lines)[-3000:]
+        assert seen.is_set(), "".join(lines)[-3000:]
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     rc = proc.wait(timeout)
