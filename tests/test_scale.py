@@ -375,6 +375,15 @@ def test_plan_figures_follow_the_configs(tiny_teacher_dir):
     assert teacher_shape(str(tiny_teacher_dir)).params == real.num_parameters
 
 
+def test_docs_show_the_plans_this_code_computes():
+    """docs/scaling.md's tables for the spec's two 3B recipes are this code's output, kept in sync."""
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    for teacher, b, s_len, accum in (("meta-llama/Llama-3.2-3B", 4, 512, 8), ("Qwen/Qwen2.5-3B", 2, 1024, 16)):
+        cfg = TrainConfig(teacher_model=teacher, batch_size=b, max_length=s_len, grad_accum_steps=accum)
+        table = plan_memory(cfg, {"num_timesteps": 8}).format()
+        assert table.split("\n", 3)[3] in doc, teacher  # the rows and the verdict, verbatim
+
+
 @pytest.mark.parametrize("gc", [False, True])
 def test_student_activation_estimate_matches_measured_saved_tensors(gc):
     """The plan's activation formula against the bytes autograd actually saves (CPU, fp32)."""
