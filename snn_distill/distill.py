@@ -202,16 +202,20 @@ def distill_step(
     rates: dict[str, float] = {}
     # bf16 autocast for the student on CUDA; the chunked loss itself runs in fp32.
     amp = device.type == "cuda"
+    sums: list[torch.Tensor] = []  # (loss, kd, ce) per micro-batch, read back once per step
+    rate_sums: dict[str, torch.Tensor] = {}
     for i, (ids, mask, targets) in enumerate(micro_batches):
+        n = int(mask.sum())  # counted before the copy to the device: no device sync
         ids, mask = ids.to(device), mask.to(device)
         rows = mask.reshape(-1).bool()
-        n = int(rows.sum())
         last = i == len(micro_batches) - 1
         with no_sync(model, skip=dist.enabled and not last):
             tgt = (targets() if callable(targets) else targets).to(device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 hidden, head_weight = model(ids)
-            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            if n != hidden.shape[0]:  # padding: keep the real tokens (packed text needs no gather)
+                hidden = hidden[rows]
             labels = next_token_labels(ids, mask).reshape(-1)[rows] if cfg.hard_label_weight > 0 else None
             loss, kd, ce = chunked_distill_loss(
                 hidden,
@@ -228,12 +232,17 @@ def distill_step(
             del tgt
             # DDP averages gradients over ranks; the loss is already a share of the global mean.
             (loss * dist.world_size if dist.enabled else loss).backward()
-        stats.loss += float(loss.detach())
-        stats.kd += float(kd)
-        stats.ce += float(ce)
+        sums.append(torch.stack([loss.detach(), kd.detach(), ce.detach()]).double())
         w = n / max(total_tokens, 1)
-        for k, v in student.spike_rates().items():
-            rates[k] = rates.get(k, 0.0) + w * v
+        for m in student.lif_modules():
+            if m.last_spike_rate is not None:
+                rate_sums[m.stat_name] = rate_sums.get(m.stat_name, 0.0) + w * m.last_spike_rate.float()
+    # one host read per step, not one per micro-batch and layer (each is a sync on a GPU)
+    keys = list(rate_sums)
+    rate_vals = [rate_sums[k].reshape(1).double().cpu() for k in keys]
+    values = torch.cat([torch.stack(sums).sum(0).cpu(), *rate_vals]).tolist()
+    stats.loss, stats.kd, stats.ce = values[:3]
+    rates = dict(zip(keys, values[3:]))
     if dist.enabled:
         keys = list(rates)
         summed = all_reduce_sum([stats.loss, stats.kd, stats.ce, *(rates[k] for k in keys)], dist)
