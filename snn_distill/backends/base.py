@@ -372,3 +372,35 @@ class LLMBackend(abc.ABC):
 
 
 __all__ = ["LLMBackend", "REPLACEMENT_CHAR", "sample_next_token"]
+
+
+class TokenizerVocabBackend(LLMBackend):
+    """Hooks shared by backends whose model has a fixed logit width `self.vocab_size` and an HF-style
+    `self.tokenizer` that may not match it exactly: special ids outside the logits count as absent,
+    and ids the model cannot take are replaced by EOS (or 0)."""
+
+    tokenizer: Any
+    vocab_size: int
+
+    def _special_id(self, name: str) -> int | None:
+        tid = getattr(self.tokenizer, name, None)
+        return int(tid) if isinstance(tid, int) and 0 <= tid < self.vocab_size else None
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token_id")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token_id")
+
+    def _encode(self, text: str) -> list[int]:
+        ids = [int(i) for i in self.tokenizer.encode(text)]
+        v = self.vocab_size
+        if any(i >= v or i < 0 for i in ids):
+            repl = self.eos_token_id if self.eos_token_id is not None else 0
+            ids = [i if 0 <= i < v else repl for i in ids]
+        return ids
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tokenizer import TokenizerError, resolve_tokenizer
-from .base import LLMBackend
+from .base import TokenizerVocabBackend
 
 try:
     from ..artifacts import ArtifactError
@@ -104,7 +104,7 @@ class ONNXLogits:
         return torch.from_numpy(out) if torch is not None else out
 
 
-class ONNXSNNBackend(LLMBackend):
+class ONNXSNNBackend(TokenizerVocabBackend):
     """Text generation with an exported student in ONNX Runtime.
 
     Attributes: `model` (`ONNXLogits`), `session` / `decode_session` (ONNX Runtime sessions; the latter
@@ -140,7 +140,7 @@ class ONNXSNNBackend(LLMBackend):
             )
         self.props = dict(self.session.get_modelmeta().custom_metadata_map)
         self.model = ONNXLogits(self.session)
-        self.vocab_size = self._vocab_size()
+        self.vocab_size = self._graph_vocab_size()
         self.timesteps = self._timesteps()
 
         self.decode_path: Path | None = None
@@ -177,7 +177,7 @@ class ONNXSNNBackend(LLMBackend):
             logger.warning("ONNXSNNBackend: ignoring %s (%s)", path, e)
             return {}
 
-    def _vocab_size(self) -> int:
+    def _graph_vocab_size(self) -> int:
         shape = self.session.get_outputs()[0].shape
         if shape and isinstance(shape[-1], int):
             return int(shape[-1])
@@ -210,27 +210,6 @@ class ONNXSNNBackend(LLMBackend):
         self.max_context = int(ctx) if ctx else None
 
     # ---- LLMBackend hooks -------------------------------------------------------------------
-    @property
-    def eos_token_id(self) -> int | None:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return int(eos) if isinstance(eos, int) and 0 <= eos < self.vocab_size else None
-
-    @property
-    def bos_token_id(self) -> int | None:
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        return int(bos) if isinstance(bos, int) and 0 <= bos < self.vocab_size else None
-
-    def _encode(self, text: str) -> list[int]:
-        ids = [int(i) for i in self.tokenizer.encode(text)]
-        v = self.vocab_size
-        if any(i >= v or i < 0 for i in ids):
-            repl = self.eos_token_id if self.eos_token_id is not None else 0
-            ids = [i if 0 <= i < v else repl for i in ids]
-        return ids
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
     def _row(self, logits: Any) -> Any:
         """Last position of logits [1, S, V] -> [V] (torch tensor when torch is installed)."""
         import numpy as np

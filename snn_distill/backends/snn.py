@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tokenizer import TokenizerError, resolve_tokenizer
-from .base import LLMBackend
+from .base import TokenizerVocabBackend
 
 try:  # artifacts.py only imports torch inside its functions; stay importable if that ever changes
     from ..artifacts import ArtifactError
@@ -139,7 +139,7 @@ def _one_hot(v: int, t: int) -> list[float]:
     return x
 
 
-class SNNLLMBackend(LLMBackend):
+class SNNLLMBackend(TokenizerVocabBackend):
     """Text generation with a distilled spiking student (see the module docstring for loading).
 
     Attributes: `model` (callable `input_ids [B, S] -> logits [B, S, V]`), `tokenizer`,
@@ -274,7 +274,7 @@ class SNNLLMBackend(LLMBackend):
 
     def _setup_vocab(self) -> None:
         """Check the tokenizer fits the model's vocabulary; compute the context length."""
-        self._vocab_size = len(self.tokenizer)
+        self.vocab_size = len(self.tokenizer)
         self._mask_from: int | None = None
         self.max_context = None
         if self.is_stub:
@@ -296,30 +296,9 @@ class SNNLLMBackend(LLMBackend):
             _warn(f"SNNLLMBackend: {msg}; ids >= {model_vocab} are replaced")
         elif n_tok < model_vocab:
             self._mask_from = n_tok  # padded vocab: never sample ids the tokenizer cannot decode
-        self._vocab_size = model_vocab
+        self.vocab_size = model_vocab
 
     # ---- LLMBackend hooks -------------------------------------------------------------------
-    @property
-    def eos_token_id(self) -> int | None:
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        return int(eos) if isinstance(eos, int) and 0 <= eos < self._vocab_size else None
-
-    @property
-    def bos_token_id(self) -> int | None:
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        return int(bos) if isinstance(bos, int) and 0 <= bos < self._vocab_size else None
-
-    def _encode(self, text: str) -> list[int]:
-        ids = [int(i) for i in self.tokenizer.encode(text)]
-        v = self._vocab_size
-        if any(i >= v or i < 0 for i in ids):
-            repl = self.eos_token_id if self.eos_token_id is not None else 0
-            ids = [i if 0 <= i < v else repl for i in ids]
-        return ids
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
     def _logits_row(self, out: Any) -> Any:
         if isinstance(out, (tuple, list)):
             out = out[0]
