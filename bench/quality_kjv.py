@@ -327,6 +327,53 @@ def measure(teacher: CachedTeacher, batcher: BlockBatcher, args) -> dict[str, fl
     return res
 
 
+@torch.inference_mode()
+def probe(folders: list[str], held_path: Path, args) -> dict[str, dict[str, float]]:
+    """Why neurons die: for trained students, how token-independent each layer's input is.
+
+    common = |mean over tokens of a|^2 / mean over tokens of |a|^2 for an activation a [tokens, F]:
+    1 when every token gives the same vector. For LIF layers also the share of neurons that never
+    fire (dead) and that fire at every timestep of every token (saturated) on the evaluation blocks.
+    """
+    from snn_distill.artifacts import load_student
+
+    out: dict[str, dict[str, float]] = {}
+    for folder in folders:
+        model, _ = load_student(Path(folder) / "student.pt")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        ids = torch.cat([b for b, _ in held_out_batches(held_path, tok, args)[:2]])
+        acts: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, use_input: bool, acts: dict = acts):
+            return lambda m, i, o: acts.__setitem__(name, i[0] if use_input else o)
+
+        hooks = [model.embed.register_forward_hook(keep("embed", False))]
+        for n, blk in enumerate(model.blocks):
+            for name, mod, use_input in (
+                (f"{n}.attn_in", blk.norm1, True),
+                (f"{n}.mlp_in", blk.norm2, True),
+                (f"{n}.qkv_current", blk.attn.qkv, False),
+                (f"{n}.up_current", blk.mlp.up, False),
+            ):
+                hooks.append(mod.register_forward_hook(keep(name, use_input)))
+        model.set_record_stats(True)
+        model(ids)
+        res: dict[str, float] = {}
+        for name, a in acts.items():
+            a = a.reshape(-1, a.shape[-1]).double()
+            res[f"common:{name}"] = float(a.mean(0).pow(2).sum() / a.pow(2).sum(1).mean())
+        for lif in model.lif_modules():
+            obs = lif.num_observations
+            res[f"dead:{lif.stat_name}"] = float((lif.fire_counts == 0).double().mean())
+            res[f"saturated:{lif.stat_name}"] = float((lif.fire_counts == obs).double().mean())
+        for h in hooks:
+            h.remove()
+        out[folder] = res
+    return out
+
+
 INIT_KEYS = ("embed_std", "in_scale", "out_std")
 
 
@@ -491,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="", help="name of this run (sweeps); artifacts go to OUT/<kind>-<tag>")
     p.add_argument("--measure", type=int, default=0, help="time N steps per student and exit")
     p.add_argument("--minutes", type=float, default=20.0, help="budget per student for --measure's suggestion")
+    p.add_argument("--probe", nargs="+", metavar="DIR", help="print token-independence diagnostics of trained students")
     p.add_argument("--precompute-only", action="store_true", help="fill the teacher-logit cache and exit")
     p.add_argument("--no-compute-teacher", action="store_true", help="fail instead of running the teacher")
     return p
@@ -522,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     held = held_out_batches(held_path, tok, args)
     corpus.update(train_tokens=sum(len(b) for b in train_blocks), eval_tokens=sum(int(m.sum()) for _, m in held))
     log.info("corpus: %s", corpus)
+    if args.probe:
+        print(json.dumps(probe(args.probe, held_path, args), indent=2))
+        return 0
     if args.measure:
         res = measure(teacher, batcher, args)
         print(json.dumps(res, indent=2))
