@@ -146,6 +146,11 @@ def row_students(args, tok) -> str:
                 steps[kind] = run
             times = interleaved(steps, repeats=args.repeats, warmup=args.warmup)
             snn, ann = (statistics.median(times[k]) for k in ("snn", "ann"))
+            work = {}
+            for kind in ("snn", "ann"):
+                m = SpikingStudentLM(StudentConfig(vocab_size=vocab, dim=dim, depth=depth, student_type=kind))
+                body = body_parameters(m)
+                work[kind] = 6 * (m.timesteps * body + m.num_parameters() - body)
             rows.append(
                 [
                     f"{vocab:,}",
@@ -153,11 +158,20 @@ def row_students(args, tok) -> str:
                     fmt(ntok / snn, 0),
                     fmt(ntok / ann, 0),
                     f"{ann / snn:.2f}x",
+                    f"{work['ann'] / work['snn']:.2f}",
                     f"{snn * 1e3:.0f} / {ann * 1e3:.0f}",
                 ]
             )
             print(f"  students vocab {vocab} {dim}x{depth}: snn {snn * 1e3:.0f} ms ann {ann * 1e3:.0f} ms", flush=True)
-    head = ["vocab", "dim x depth", "SNN tok/s", "ANN tok/s", "SNN / ANN", "step ms SNN / ANN"]
+    head = [
+        "vocab",
+        "dim x depth",
+        "SNN tok/s",
+        "ANN tok/s",
+        "SNN / ANN",
+        "dense-work ratio ANN / SNN",
+        "step ms SNN / ANN",
+    ]
     return (
         f"Row 1. Student training tokens/s, spiking (T=4) vs same-shape ANN; batch {args.batch_size} x "
         f"{args.seq_len} tokens, forward-KL on full teacher log-probs given in advance (the teacher's own work "
@@ -266,21 +280,22 @@ class StraightforwardStep:
         self.opt = make_optimizer(self.student, cfg.lr, cfg.weight_decay)
         self.cfg = cfg
 
-    def __call__(self, teacher, ids, mask) -> float:
+    def __call__(self, teacher, ids, mask, t_logp=None) -> float:
+        """With `teacher`: its log-softmax over all positions; else `t_logp` [N_real, V] given."""
         import torch.nn.functional as F
 
         from snn_distill.losses import reference_distill_loss
 
         temp = self.cfg.temperature
-        with torch.no_grad():
-            t_logp = F.log_softmax(teacher.logits(ids, mask).float() / temp, dim=-1)
         rows = mask.reshape(-1).bool()
+        if teacher is not None:
+            with torch.no_grad():
+                full = F.log_softmax(teacher.logits(ids, mask).float() / temp, dim=-1)
+            t_logp = full.reshape(-1, full.shape[-1])[rows]
         v = t_logp.shape[-1]
         logits = self.student(ids).reshape(-1, v)[rows]
         n = logits.shape[0]
-        loss = reference_distill_loss(
-            logits, TeacherTargets(t_logp.reshape(-1, v)[rows]), torch.full((n,), 1.0 / n), temperature=temp
-        )
+        loss = reference_distill_loss(logits, TeacherTargets(t_logp), torch.full((n,), 1.0 / n), temperature=temp)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
         self.opt.step()
@@ -426,27 +441,23 @@ def child_step(args) -> None:
         keep_freed_memory()
     shape = SETUP_SHAPES[args.child_shape]
     cfg = TrainConfig(teacher_model="bench", loss_chunk_tokens=args.chunk)
-    step = StudentStep(StudentConfig(**shape), cfg)
+    scfg = StudentConfig(**shape)
+    step, plain = StudentStep(scfg, cfg), StraightforwardStep(scfg, cfg)
     n = args.batch_size * args.seq_len
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, shape["vocab_size"], (args.batch_size, args.seq_len), generator=g)
     mask = torch.ones_like(ids)
     targets = random_targets(n, shape["vocab_size"])
-    for _ in range(args.warmup):
-        step(ids, mask, targets)
-    times = []
-    for _ in range(args.child_steps):
-        t0 = time.perf_counter()
-        step(ids, mask, targets)
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"median_s": statistics.median(times)}))
+    fns = {"lean": lambda: step(ids, mask, targets), "plain": lambda: plain(None, ids, mask, targets.logprobs)}
+    times = interleaved(fns, repeats=args.child_steps, warmup=args.warmup)
+    print(json.dumps({k: statistics.median(v) for k, v in times.items()}))
 
 
 def row_setup(args) -> str:
     import json
     import subprocess
 
-    results: dict[tuple[str, str], list[float]] = {}
+    results: dict[tuple[str, str, str], list[float]] = {}
     for r in range(args.setup_rounds):
         order = list(SETUPS) if r % 2 == 0 else list(SETUPS)[::-1]
         for shape in SETUP_SHAPES:
@@ -474,20 +485,29 @@ def row_setup(args) -> str:
                 if keep:
                     cmd.append("--child-keep-freed")
                 out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-                sec = json.loads(out.strip().splitlines()[-1])["median_s"]
-                results.setdefault((shape, name), []).append(sec)
-                print(f"  setup round {r} {shape} | {name}: {sec * 1e3:.0f} ms", flush=True)
+                res = json.loads(out.strip().splitlines()[-1])
+                for variant, sec in res.items():
+                    results.setdefault((shape, name, variant), []).append(sec)
+                print(f"  setup round {r} {shape} | {name}: {res}", flush=True)
     rows = []
     for shape in SETUP_SHAPES:
-        base = statistics.median(results[(shape, next(iter(SETUPS)))])
+        base = statistics.median(results[(shape, next(iter(SETUPS)), "plain")])
         for name in SETUPS:
-            m = statistics.median(results[(shape, name)])
-            rows.append([shape, name, f"{m * 1e3:.0f}", f"{base / m:.2f}x"])
-    head = ["student (spiking, T=4)", "process setup", "step ms", "speed-up vs first"]
+            lean = statistics.median(results[(shape, name, "lean")])
+            plain = statistics.median(results[(shape, name, "plain")])
+            rows.append([shape, name, f"{plain * 1e3:.0f}", f"{lean * 1e3:.0f}", f"{base / lean:.2f}x"])
+    head = [
+        "student (spiking, T=4)",
+        "process setup",
+        "straightforward step ms",
+        "this step ms",
+        "vs first row's straightforward",
+    ]
     return (
-        f"Process setup. Spiking student step (targets given, batch {args.batch_size} x {args.seq_len}) in fresh "
-        f"processes per setup, setups alternated over {args.setup_rounds} rounds; each process reports the median "
-        f"of {args.setup_steps} steps, the table the median over rounds. `snn_distill.cli` sets "
+        f"Process setup. Spiking student step (teacher targets given as full log-probs, batch {args.batch_size} x "
+        f"{args.seq_len}) in a fresh process per setup, setups alternated over {args.setup_rounds} rounds; each "
+        f"process runs this implementation's step and the straightforward one interleaved and reports medians of "
+        f"{args.setup_steps} steps each; the table gives the median over rounds. `snn_distill.cli` sets "
         "OMP_WAIT_POLICY=PASSIVE (unless set) and `distill.configure_threads()` keeps freed memory in the heap."
         "\n\n" + md_table(head, rows)
     )
