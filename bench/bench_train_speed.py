@@ -31,10 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# Before torch loads libgomp: spinning OpenMP waits stall on shared cores (see snn_distill/cli.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+import common  # noqa: E402, F401  (first: applies the training CLI's OpenMP wait policy before torch loads)
 import torch  # noqa: E402
 from common import (  # noqa: E402
     interleaved,
@@ -300,7 +298,7 @@ class StraightforwardStep:
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 def utilization_case(args, name, teacher, scfg: StudentConfig, data, count_body_T: bool) -> list[list[str]]:
@@ -549,7 +547,11 @@ def main() -> None:
         from snn_distill.distill import configure_threads
 
         configure_threads()
+    from snn_distill.distill import keep_freed_memory
+
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset (libgomp default: spin)")
     print(f"machine: {machine_description()}; {load_average()} at start", flush=True)
+    print(f"process: OMP_WAIT_POLICY={policy}, freed memory kept in the heap: {keep_freed_memory()}", flush=True)
     print(f"command: python bench/{Path(__file__).name} {' '.join(sys.argv[1:])}\n", flush=True)
     out = []
     if args.setup or args.all:

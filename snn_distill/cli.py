@@ -16,11 +16,18 @@ from typing import Any
 
 from .config import KD_LOSSES, SCHEDULERS, STUDENT_TYPES, SURROGATES, StudentConfig, TrainConfig
 
-# OpenMP threads that spin while they wait stall when the cores are shared: measured on a 2-core machine
-# running other jobs, a student training step took 4-5x longer with spinning than with passive waiting
-# (bench/results/speed.md). Wait passively unless the user chose otherwise; this must happen before
-# torch loads libgomp, and this module imports no torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def configure_openmp_wait() -> None:
+    """Make OpenMP threads wait passively unless the user set OMP_WAIT_POLICY.
+
+    Spinning waits stall when other jobs share the cores: on a 2-core machine running other work, a
+    student training step took 2-5x longer spinning than waiting passively. Only effective before
+    torch loads libgomp, so this module imports no torch and calls it on import.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+configure_openmp_wait()
 
 log = logging.getLogger("snn_distill")
 
