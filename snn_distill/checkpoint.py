@@ -1,9 +1,15 @@
 """Training checkpoints: `checkpoint.pt` in the output folder, written atomically.
 
-A checkpoint holds everything needed to continue a run bit for bit: student weights, AdamW state,
-LR-scheduler state, the Python/torch/NumPy(/CUDA) RNG states and the data-loader position of every
-data-parallel rank, the step, the loss history so far, and a fingerprint of the settings that shape
-the run. `--resume` refuses a checkpoint whose fingerprint differs and names the settings that do.
+A checkpoint holds everything needed to continue a run exactly: student weights, AdamW state,
+LR-scheduler state, fp16's gradient-scaler state, the Python/torch/NumPy(/CUDA) RNG states and the
+data-loader position of every data-parallel rank, the step, the loss history so far, and a fingerprint
+of the settings that shape the run. `--resume` refuses a checkpoint whose fingerprint differs and names
+the settings that do.
+
+On the CPU a resumed run is bit-identical to an uninterrupted one. On CUDA it takes the same batches,
+learning rates and random numbers, but GPU kernels are not bit-deterministic (atomic adds in backward
+passes, cuBLAS's choice of algorithm, NCCL's reduction order), so its losses and weights agree with an
+uninterrupted run's to float rounding, not bit for bit.
 
 The file is loaded with `weights_only=True`, so it holds only tensors and plain Python values.
 """
@@ -59,6 +65,20 @@ def checkpoint_path(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINT_FILE
 
 
+# --teacher-responses settings: they decide the training examples (replies) and the loss.
+RESPONSE_FINGERPRINT_FIELDS = (
+    "teacher_responses",
+    "response_max_new_tokens",
+    "response_sample",
+    "response_temperature",
+    "response_top_p",
+    "response_seed",
+    "response_loss_only",
+    "on_policy_fraction",
+    "max_texts",
+)
+
+
 def run_fingerprint(train_cfg: Any, student_cfg: Any, world_size: int) -> dict[str, Any]:
     """The settings a resumed run must share with the checkpoint's run (plain JSON values).
 
@@ -66,6 +86,8 @@ def run_fingerprint(train_cfg: Any, student_cfg: Any, world_size: int) -> dict[s
     schedule a finished run can be extended by resuming with a larger --num-steps."""
     tc = asdict(train_cfg) if is_dataclass(train_cfg) else dict(train_cfg)
     fp: dict[str, Any] = {k: tc.get(k) for k in FINGERPRINT_FIELDS if k in tc}
+    if tc.get("teacher_responses"):  # only then: checkpoints of runs without replies stay resumable
+        fp.update({k: tc.get(k) for k in RESPONSE_FINGERPRINT_FIELDS})
     if tc.get("scheduler", "constant") != "constant":
         fp["num_steps"] = tc.get("num_steps")
     sc = student_cfg.to_dict() if hasattr(student_cfg, "to_dict") else dict(student_cfg)
@@ -154,11 +176,13 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]],
     fingerprint: dict[str, Any],
     progress: dict[str, Any],
+    scaler: Any = None,
 ) -> Path:
     """Write `checkpoint.pt` atomically (temp file + fsync + rename) and return its path.
 
     data_states / rng_states: one entry per data-parallel rank, in rank order. progress: plain
-    values the loop needs to carry on (loss history, tokens seen, ...)."""
+    values the loop needs to carry on (loss history, tokens seen, ...). scaler: fp16's
+    `torch.amp.GradScaler`, saved under "scaler" when enabled (its loss scale must carry on too)."""
     path = checkpoint_path(output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     obj = {
@@ -172,6 +196,8 @@ def save_checkpoint(
         "fingerprint": fingerprint,
         "progress": progress,
     }
+    if scaler is not None and scaler.is_enabled():
+        obj["scaler"] = scaler.state_dict()
     atomic_torch_save(obj, path)
     return path
 

@@ -11,10 +11,15 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from .config import KD_LOSSES, SCHEDULERS, STUDENT_TYPES, SURROGATES, StudentConfig, TrainConfig
+from . import __version__
+from .cli_common import ArgParser, UserError, positive_int, run_guarded, setup_logging
+from .config import KD_LOSSES, SCHEDULERS, SNN_MODES, STUDENT_TYPES, SURROGATES, StudentConfig, TrainConfig
 
 
 def configure_openmp_wait() -> None:
@@ -31,6 +36,11 @@ configure_openmp_wait()
 
 log = logging.getLogger("snn_distill")
 
+# One copy of each default: the dataclasses'. The CLI reads them, so a run from the command line and one from
+# `train(TrainConfig(...))` agree.
+TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+STUDENT_DEFAULTS = {f.name: f.default for f in fields(StudentConfig)}
+
 # Flags that map onto StudentConfig fields (dest -> field).
 STUDENT_FLAGS = {
     "student_dim": "dim",
@@ -44,123 +54,207 @@ STUDENT_FLAGS = {
     "surrogate_slope": "surrogate_slope",
     "snn_threshold": "threshold",
     "snn_decay": "decay",
+    "snn_mode": "mode",
+    "snn_learn_threshold": "learn_threshold",
+    "snn_learn_decay": "learn_decay",
+    "snn_target_rate": "target_rate",
+    "snn_homeostasis": "homeostasis",
     "gradient_checkpointing": "gradient_checkpointing",
     "max_seq_len": "max_seq_len",
 }
 
 
-class UserError(Exception):
-    """Raised for bad input that the CLI reports as one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    return v
-
-
 def build_train_parser(prog: str = "train_snn_student.py") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Distil a Hugging Face causal LM into a spiking student.")
+    p = ArgParser(prog=prog, description="Distil a Hugging Face causal LM into a spiking student.")
     p.add_argument(
         "--config",
-        help="JSON or YAML file of flags (a previous run's metadata.json works); "
-        "command-line flags override it",
+        help="JSON or YAML file of flags (a previous run's metadata.json works); command-line flags override it",
     )
-    g = p.add_argument_group("basic training")
+    _add_basic_flags(p.add_argument_group("basic training"))
+    _add_loss_flags(p.add_argument_group("loss"))
+    _add_student_flags(p.add_argument_group("student"))
+    _add_snn_flags(p.add_argument_group("SNN"))
+    _add_teacher_flags(p.add_argument_group("teacher"))
+    _add_response_flags(p.add_argument_group("teacher replies"))
+    _add_scale_flags(p.add_argument_group("scale: checkpoints, resume, memory plan"))
+    _add_output_flags(p.add_argument_group("metadata, logging, export"))
+    return p
+
+
+def _add_basic_flags(g: argparse._ArgumentGroup) -> None:
+    """Basic training: teacher, data, steps, optimizer, device."""
     g.add_argument("--teacher-model", help="Hugging Face causal LM id, local folder or .gguf file (required)")
     g.add_argument(
         "--dataset",
-        default="synthetic",
+        default=TRAIN_DEFAULTS["dataset"],
         help="'synthetic', a datasets id (wikitext-2, tinystories, "
         "name:config), a save_to_disk folder, or a .txt/.jsonl file",
     )
     g.add_argument("--dataset-path", help="plain-text prompts file, one prompt per line")
-    g.add_argument("--output-dir", default="artifacts/snn_student")
-    g.add_argument("--num-steps", type=_positive_int, default=100)
-    g.add_argument("--batch-size", type=_positive_int, default=4)
-    g.add_argument("--grad-accum-steps", type=_positive_int, default=1)
-    g.add_argument("--max-length", type=_positive_int, default=64)
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--scheduler", choices=SCHEDULERS, default="constant")
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--output-dir", default=TRAIN_DEFAULTS["output_dir"])
+    g.add_argument("--num-steps", type=positive_int, default=TRAIN_DEFAULTS["num_steps"])
+    g.add_argument("--batch-size", type=positive_int, default=TRAIN_DEFAULTS["batch_size"])
+    g.add_argument("--grad-accum-steps", type=positive_int, default=TRAIN_DEFAULTS["grad_accum_steps"])
+    g.add_argument("--max-length", type=positive_int, default=TRAIN_DEFAULTS["max_length"])
+    g.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"])
+    g.add_argument("--weight-decay", type=float, default=TRAIN_DEFAULTS["weight_decay"])
+    g.add_argument("--grad-clip", type=float, default=TRAIN_DEFAULTS["grad_clip"])
+    g.add_argument("--temperature", type=float, default=TRAIN_DEFAULTS["temperature"])
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=TRAIN_DEFAULTS["scheduler"])
+    g.add_argument("--warmup-steps", type=int, default=TRAIN_DEFAULTS["warmup_steps"])
+    g.add_argument("--seed", type=int, default=TRAIN_DEFAULTS["seed"])
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=TRAIN_DEFAULTS["device"])
     g.add_argument("--pack", action="store_true", help="concatenate texts and cut into --max-length blocks")
-    g.add_argument("--held-out-fraction", type=float, default=0.05)
-    g = p.add_argument_group("loss")
-    g.add_argument("--kd-loss", choices=KD_LOSSES, default="forward_kl")
+    g.add_argument("--held-out-fraction", type=float, default=TRAIN_DEFAULTS["held_out_fraction"])
+
+
+def _add_loss_flags(g: argparse._ArgumentGroup) -> None:
+    """The distillation loss."""
+    g.add_argument("--kd-loss", choices=KD_LOSSES, default=TRAIN_DEFAULTS["kd_loss"])
     g.add_argument(
-        "--hard-label-weight", type=float, default=0.0, help="weight of next-token cross-entropy (0-1)"
+        "--hard-label-weight",
+        type=float,
+        default=TRAIN_DEFAULTS["hard_label_weight"],
+        help="weight of next-token cross-entropy (0-1)",
     )
-    g.add_argument("--loss-chunk-tokens", type=_positive_int, default=1024)
-    g = p.add_argument_group("student")
+    g.add_argument("--loss-chunk-tokens", type=positive_int, default=TRAIN_DEFAULTS["loss_chunk_tokens"])
+
+
+def _add_student_flags(g: argparse._ArgumentGroup) -> None:
+    """The student's shape."""
     g.add_argument(
         "--student-type",
         choices=STUDENT_TYPES,
-        default="snn",
+        default=STUDENT_DEFAULTS["student_type"],
         help="snn: spiking student; ann: identically shaped non-spiking baseline",
     )
-    g.add_argument("--student-dim", type=_positive_int, default=128)
-    g.add_argument("--student-depth", type=_positive_int, default=2)
-    g.add_argument("--student-heads", type=_positive_int, default=4)
-    g.add_argument("--student-kv-heads", type=_positive_int, default=None, help="grouped-query attention")
-    g.add_argument("--mlp-ratio", type=float, default=4.0)
+    g.add_argument("--student-dim", type=positive_int, default=STUDENT_DEFAULTS["dim"])
+    g.add_argument("--student-depth", type=positive_int, default=STUDENT_DEFAULTS["depth"])
+    g.add_argument("--student-heads", type=positive_int, default=STUDENT_DEFAULTS["num_heads"])
     g.add_argument(
-        "--max-seq-len", type=_positive_int, default=2048, help="longest context the student serves"
+        "--student-kv-heads",
+        type=positive_int,
+        default=STUDENT_DEFAULTS["num_kv_heads"],
+        help="grouped-query attention",
+    )
+    g.add_argument("--mlp-ratio", type=float, default=STUDENT_DEFAULTS["mlp_ratio"])
+    g.add_argument(
+        "--max-seq-len",
+        type=positive_int,
+        default=STUDENT_DEFAULTS["max_seq_len"],
+        help="longest context the student serves",
     )
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--qat", choices=("none", "int8"), default="none", help="quantization-aware training")
-    g = p.add_argument_group("SNN")
-    g.add_argument("--snn-timesteps", type=_positive_int, default=4)
-    g.add_argument("--snn-surrogate", choices=SURROGATES, default="sigmoid")
-    g.add_argument("--surrogate-slope", type=float, default=None)
-    g.add_argument("--snn-threshold", type=float, default=1.0)
-    g.add_argument("--snn-decay", type=float, default=0.5)
-    g = p.add_argument_group("teacher")
+
+
+def _add_snn_flags(g: argparse._ArgumentGroup) -> None:
+    """The spiking neurons."""
+    g.add_argument("--snn-timesteps", type=positive_int, default=STUDENT_DEFAULTS["num_timesteps"])
+    g.add_argument("--snn-surrogate", choices=SURROGATES, default=STUDENT_DEFAULTS["surrogate"])
+    g.add_argument("--surrogate-slope", type=float, default=STUDENT_DEFAULTS["surrogate_slope"])
+    g.add_argument("--snn-threshold", type=float, default=STUDENT_DEFAULTS["threshold"])
+    g.add_argument("--snn-decay", type=float, default=STUDENT_DEFAULTS["decay"])
+    g.add_argument(
+        "--snn-mode",
+        choices=SNN_MODES,
+        default=STUDENT_DEFAULTS["mode"],
+        help="hybrid: spikes feed attention and the MLP down-projection; spike-driven: every weight matmul "
+        "(Q/K/V, attention output, MLP up/down, LM head) reads spikes",
+    )
+    g.add_argument("--snn-learn-threshold", action="store_true", help="learn a per-channel firing threshold")
+    g.add_argument("--snn-learn-decay", action="store_true", help="learn a per-channel membrane leak (PLIF)")
+    g.add_argument(
+        "--snn-target-rate",
+        type=float,
+        default=STUDENT_DEFAULTS["target_rate"],
+        help="spike-driven: firing rate the thresholds are calibrated to on the first batch",
+    )
+    g.add_argument(
+        "--snn-homeostasis",
+        type=float,
+        default=STUDENT_DEFAULTS["homeostasis"],
+        help="spike-driven: rate at which thresholds adapt toward --snn-target-rate while training (0: off)",
+    )
+
+
+def _add_teacher_flags(g: argparse._ArgumentGroup) -> None:
+    """How the teacher runs, and its logit cache."""
     g.add_argument(
         "--teacher-dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
-        default="auto",
+        default=TRAIN_DEFAULTS["teacher_dtype"],
         help="teacher weights' dtype; auto: bfloat16 on CUDA, float32 on CPU",
     )
     g.add_argument(
-        "--teacher-device", default=None, help="where the teacher runs, e.g. cuda:1 or cpu (default: --device)"
+        "--teacher-device",
+        default=TRAIN_DEFAULTS["teacher_device"],
+        help="where the teacher runs, e.g. cuda:1 or cpu (default: --device)",
     )
     g.add_argument(
         "--teacher-quantization",
         choices=("none", "8bit", "4bit"),
-        default="none",
+        default=TRAIN_DEFAULTS["teacher_quantization"],
         help="load the teacher's weights in 8-bit or 4-bit with bitsandbytes (CUDA; pip install bitsandbytes)",
     )
     g.add_argument(
         "--teacher-cache",
-        default=None,
+        default=TRAIN_DEFAULTS["teacher_cache"],
         metavar="DIR",
         help="store the teacher's top-k log-probabilities per token (plus the tail mass) in DIR and reuse "
         "them: a later run over the same data and teacher does not load the teacher's weights",
     )
     g.add_argument(
         "--teacher-cache-topk",
-        type=_positive_int,
-        default=64,
+        type=positive_int,
+        default=TRAIN_DEFAULTS["teacher_cache_topk"],
         metavar="K",
         help="words per token the teacher cache keeps (default 64); the rest is one tail bin",
     )
-    g = p.add_argument_group("scale: checkpoints, resume, memory plan")
+
+
+def _add_response_flags(g: argparse._ArgumentGroup) -> None:
+    """--teacher-responses: the teacher replies to every prompt and the student distils the replies."""
+    g.add_argument(
+        "--teacher-responses",
+        action="store_true",
+        help="the teacher writes a reply to every prompt (its chat template when it has one) and the student "
+        "distils over prompt + reply; replies are cached on disk",
+    )
+    g.add_argument(
+        "--response-max-new-tokens", type=positive_int, default=TRAIN_DEFAULTS["response_max_new_tokens"], metavar="N"
+    )
+    g.add_argument("--response-sample", action="store_true", help="sample the replies (default: greedy)")
+    g.add_argument("--response-temperature", type=float, default=TRAIN_DEFAULTS["response_temperature"])
+    g.add_argument("--response-top-p", type=float, default=TRAIN_DEFAULTS["response_top_p"])
+    g.add_argument("--response-seed", type=int, default=None, help="seed of sampled replies (default: --seed)")
+    g.add_argument(
+        "--response-cache",
+        default=None,
+        metavar="DIR",
+        help="where replies are cached (default: TEACHER_CACHE/responses with --teacher-cache, else "
+        "$SNN_DISTILL_CACHE/responses)",
+    )
+    g.add_argument("--response-loss-only", action="store_true", help="weight only the reply positions in the loss")
+    g.add_argument(
+        "--on-policy-fraction",
+        type=float,
+        default=TRAIN_DEFAULTS["on_policy_fraction"],
+        metavar="LAMBDA",
+        help="share of micro-batches whose reply the student samples itself, scored by the live teacher (GKD); "
+        "default 0",
+    )
+    g.add_argument(
+        "--max-texts", type=positive_int, default=None, metavar="N", help="use only the first N texts of the dataset"
+    )
+
+
+def _add_scale_flags(g: argparse._ArgumentGroup) -> None:
+    """Checkpoints, resume, memory plan."""
     g.add_argument(
         "--checkpoint-every",
         type=int,
-        default=0,
+        default=TRAIN_DEFAULTS["checkpoint_every"],
         help="write OUTPUT_DIR/checkpoint.pt every N steps (and after the last); 0: only on SIGINT/SIGTERM",
     )
     g.add_argument(
@@ -173,13 +267,19 @@ def build_train_parser(prog: str = "train_snn_student.py") -> argparse.ArgumentP
         action="store_true",
         help="print the GPU memory plan for these flags and exit without loading any weights",
     )
-    g = p.add_argument_group("metadata, logging, export")
-    g.add_argument("--log-interval", type=int, default=5, help="steps between loss logs, 0 disables")
-    g.add_argument("--eval-interval", type=int, default=0, help="steps between held-out evaluations")
+
+
+def _add_output_flags(g: argparse._ArgumentGroup) -> None:
+    """Metadata, logging, export."""
+    g.add_argument(
+        "--log-interval", type=int, default=TRAIN_DEFAULTS["log_interval"], help="steps between loss logs, 0 disables"
+    )
+    g.add_argument(
+        "--eval-interval", type=int, default=TRAIN_DEFAULTS["eval_interval"], help="steps between held-out evaluations"
+    )
     g.add_argument("--no-git-tracking", action="store_true")
     g.add_argument("--export-onnx", action="store_true", help="export student.onnx after training")
     g.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
-    return p
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
@@ -257,69 +357,22 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, 
         resume=getattr(args, "resume", False),
         git_tracking=not args.no_git_tracking,
         export_onnx=args.export_onnx,
+        teacher_responses=getattr(args, "teacher_responses", False),
+        response_max_new_tokens=getattr(args, "response_max_new_tokens", TRAIN_DEFAULTS["response_max_new_tokens"]),
+        response_sample=getattr(args, "response_sample", False),
+        response_temperature=getattr(args, "response_temperature", TRAIN_DEFAULTS["response_temperature"]),
+        response_top_p=getattr(args, "response_top_p", TRAIN_DEFAULTS["response_top_p"]),
+        response_seed=getattr(args, "response_seed", None),
+        response_cache=getattr(args, "response_cache", None),
+        response_loss_only=getattr(args, "response_loss_only", False),
+        on_policy_fraction=getattr(args, "on_policy_fraction", 0.0),
+        max_texts=getattr(args, "max_texts", None),
     )
     student = {field: getattr(args, dest) for dest, field in STUDENT_FLAGS.items()}
     student["qat_int8"] = args.qat == "int8"
     # Validate the student shape now (vocab is the teacher's, unknown yet), before loading anything.
     StudentConfig(vocab_size=2, **student)
     return cfg, student
-
-
-def setup_logging(quiet: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr, force=True
-    )
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*TypedStorage.*")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .artifacts import ArtifactError
-    from .data import DataError
-    from .distill import TrainingError
-    from .teacher import TeacherError
-
-    errors: list[type[BaseException]] = [
-        UserError,
-        ValueError,
-        ArtifactError,
-        DataError,
-        TeacherError,
-        TrainingError,
-        FileNotFoundError,
-    ]
-    try:
-        from .export.onnx import ExportError
-
-        errors.append(ExportError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def run_guarded(fn, *args) -> int:
-    """Run a command; user errors become one line on stderr and exit code 2."""
-    try:
-        fn(*args)
-        return 0
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except _user_errors() as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return int(getattr(e, "exit_code", 2))  # 130/143: stopped by SIGINT/SIGTERM after a checkpoint
-    except (OSError, RuntimeError, MemoryError) as e:  # a full disk or memory anywhere else: one line too
-        from .failures import disk_full_message, generic_out_of_memory_message, is_disk_full, is_out_of_memory
-
-        if is_disk_full(e):
-            print(f"error: {disk_full_message(e)}", file=sys.stderr)
-        elif is_out_of_memory(e):
-            print(f"error: {generic_out_of_memory_message(e)}", file=sys.stderr)
-        else:
-            raise
-        return 2
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -351,6 +404,10 @@ def _train(args: argparse.Namespace) -> None:
             f"{ev['top1_agreement']:.3f}, student ppl {ev['student_perplexity']:.2f}, "
             f"teacher ppl {ev['teacher_perplexity']:.2f}"
         )
+        if ev.get("responses"):
+            from .evaluate import responses_line
+
+            print(f"held-out replies: {responses_line(ev['responses'])}")
     print(f"artifacts: {run.paths['student']} {run.paths['metadata']}")
     if cfg.export_onnx:
         from .export.onnx import export_onnx
@@ -366,7 +423,7 @@ def train_main(argv: list[str] | None = None, prog: str = "train_snn_student.py"
 
 
 def build_export_parser(prog: str = "export_snn_to_onnx.py") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Export a trained student to ONNX.")
+    p = ArgParser(prog=prog, description="Export a trained student to ONNX.")
     p.add_argument("--model-path", default="artifacts/snn_student/student.pt")
     p.add_argument("--metadata-path", default=None, help="default: metadata.json beside the model")
     p.add_argument("--output-path", default=None, help="default: student.onnx beside the model")
@@ -403,18 +460,28 @@ def export_main(argv: list[str] | None = None, prog: str = "export_snn_to_onnx.p
 
 
 def build_generate_parser(prog: str = "snn-distill generate") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Generate text from a trained student (streams to stdout).")
+    p = ArgParser(prog=prog, description="Generate text from a trained student (streams to stdout).")
     p.add_argument("prompt")
-    p.add_argument(
-        "--artifacts", default="artifacts/snn_student", help="folder holding student.pt + metadata.json"
-    )
+    p.add_argument("--artifacts", default="artifacts/snn_student", help="folder holding student.pt + metadata.json")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--min-tokens", type=int, default=None, help="no end of text before N tokens (default: the student's own)"
+    )
+    p.add_argument(
+        "--repetition-penalty", type=float, default=None, help="as in HF generate; 1 = off (default: the student's)"
+    )
+    p.add_argument("--raw", action="store_true", help="feed the prompt as is, without the recorded chat template")
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     p.add_argument("--strict", action="store_true", help="fail instead of falling back to a stub")
+    p.add_argument(
+        "--allow-torchscript",
+        action="store_true",
+        help="load a TorchScript student.pt (loading runs the code it carries: trusted files only)",
+    )
     return p
 
 
@@ -431,7 +498,9 @@ def generate_main(argv: list[str] | None = None, prog: str = "snn-distill genera
         else:
             from .backends.snn import SNNLLMBackend
 
-            backend = SNNLLMBackend(model_path=str(art / "student.pt"), strict=args.strict)
+            backend = SNNLLMBackend(
+                model_path=str(art / "student.pt"), strict=args.strict, allow_torchscript=args.allow_torchscript
+            )
         for piece in backend.stream(
             args.prompt,
             max_tokens=args.max_tokens,
@@ -439,6 +508,9 @@ def generate_main(argv: list[str] | None = None, prog: str = "snn-distill genera
             top_k=args.top_k,
             top_p=args.top_p,
             seed=args.seed,
+            min_tokens=args.min_tokens,
+            repetition_penalty=args.repetition_penalty,
+            raw=args.raw,
         ):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -453,14 +525,70 @@ def eval_main(argv: list[str] | None = None, prog: str = "evaluate_snn_student.p
     return evaluate_main(argv, prog)
 
 
-COMMANDS = {"train": train_main, "export": export_main, "generate": generate_main, "eval": eval_main}
+@dataclass(frozen=True)
+class Command:
+    """One `snn-distill` subcommand: its one-line help and its `main(argv, prog) -> exit code`.
+
+    `target` is the function or a lazy "module:function" string, so that `snn-distill --help` imports
+    neither torch nor a command's optional dependencies.
+    """
+
+    help: str
+    target: Callable[..., int] | str
+
+    def main(self) -> Callable[..., int]:
+        if callable(self.target):
+            return self.target
+        module, _, name = self.target.partition(":")
+        return getattr(import_module(module), name)
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(name: str, help: str, target: Callable[..., int] | str) -> None:
+    """Add `snn-distill NAME`: `target(argv, prog=...)` parses the rest of the command line itself.
+
+    A command from another module of this package registers with one line below, lazily:
+    `register_command("serve", "serve a trained student over HTTP", "snn_distill.serve.cli:serve_main")`.
+    """
+    COMMANDS[name] = Command(help, target)
+
+
+register_command("train", "distil a teacher LM into a spiking student", train_main)
+register_command("export", "export a trained student to ONNX", export_main)
+register_command("generate", "stream text from a trained student", generate_main)
+register_command("eval", "measure a trained student against its teacher", eval_main)
+register_command("serve", "serve a student over an OpenAI-compatible HTTP API", "snn_distill.serve.cli:serve_main")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `snn-distill` parser: one subparser per registered command, `--help` lists them."""
+    p = ArgParser(
+        prog="snn-distill",
+        description="Distil a transformer language model into a small spiking (LIF) student, "
+        "generate with it, export it to ONNX.",
+        epilog="Run `snn-distill COMMAND --help` for a command's flags.",
+    )
+    p.add_argument("--version", action="version", version=f"snn-distill {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, cmd in COMMANDS.items():
+        # each command parses its own flags (the same parser as its scripts/ entry point)
+        sub.add_parser(name, help=cmd.help, add_help=False)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(
-            f"usage: snn-distill {{{','.join(COMMANDS)}}} ... (got {argv[:1] or 'nothing'})", file=sys.stderr
-        )
+    parser = build_parser()
+    if not argv:
+        parser.print_help(sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:], prog=f"snn-distill {argv[0]}")
+    args, rest = parser.parse_known_args(argv)  # --help and --version exit 0 here
+    if args.command is None:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}; name a command first")
+    return COMMANDS[args.command].main()(rest, prog=f"snn-distill {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,11 +16,28 @@ SURROGATES = ("sigmoid", "fast_sigmoid", "triangular", "arctan")
 STUDENT_TYPES = ("snn", "ann")
 SCHEDULERS = ("constant", "cosine", "linear")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+SNN_MODES = ("hybrid", "spike-driven")
 
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+# StudentConfig fields stored under metadata `snn_config` rather than `architecture`.
+SNN_KEYS = (
+    "num_timesteps",
+    "surrogate",
+    "surrogate_slope",
+    "threshold",
+    "decay",
+    "fused_lif",
+    "mode",
+    "learn_threshold",
+    "learn_decay",
+    "target_rate",
+    "homeostasis",
+)
 
 
 @dataclass
@@ -44,6 +61,13 @@ class StudentConfig:
     threshold: float = 1.0
     decay: float = 0.5  # membrane leak beta: u[t] = beta * u[t-1] + I[t] - threshold * s[t-1]
     fused_lif: bool = True
+    # "hybrid": spikes feed Q/K/V attention and the MLP down-projection only (the original student);
+    # "spike-driven": every weight matmul reads a spike code (see student.py).
+    mode: str = "hybrid"
+    learn_threshold: bool = False  # per-channel learnable threshold
+    learn_decay: bool = False  # per-channel learnable leak, decay = sigmoid(w) (PLIF)
+    target_rate: float = 0.15  # spike-driven: thresholds calibrated on the first batch to fire at this rate
+    homeostasis: float = 0.0  # spike-driven: per-step threshold adaptation toward target_rate (0: off)
     gradient_checkpointing: bool = False
     qat_int8: bool = False  # fake-quantize linear weights (per-channel symmetric int8) while training
 
@@ -88,6 +112,15 @@ class StudentConfig:
         )
         _check(self.threshold > 0, f"--snn-threshold must be positive (try 0.5-1.5), got {self.threshold}")
         _check(0.0 <= self.decay <= 1.0, f"membrane decay must be in [0, 1], got {self.decay}")
+        _check(self.mode in SNN_MODES, f"--snn-mode must be one of {', '.join(SNN_MODES)}, got {self.mode!r}")
+        _check(
+            0.0 < self.target_rate <= 0.5,
+            f"--snn-target-rate must be in (0, 0.5] (try 0.1-0.2), got {self.target_rate}",
+        )
+        _check(
+            0.0 <= self.homeostasis <= 1.0,
+            f"--snn-homeostasis must be in [0, 1] (try 0.05; 0 turns it off), got {self.homeostasis}",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -101,6 +134,15 @@ class StudentConfig:
     def spiking(self) -> bool:
         return self.student_type == "snn"
 
+    @property
+    def spike_driven(self) -> bool:
+        """The spike-driven layout (also for its ANN twin, which keeps the layout without spikes)."""
+        return self.mode == "spike-driven"
+
+    @property
+    def per_channel_neurons(self) -> bool:
+        return self.spike_driven or self.learn_threshold or self.learn_decay
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -112,7 +154,7 @@ class StudentConfig:
     # The spec's metadata splits the config in two sections; these keep their spec names.
     def architecture_dict(self) -> dict[str, Any]:
         d = self.to_dict()
-        for k in ("num_timesteps", "surrogate", "surrogate_slope", "threshold", "decay", "fused_lif"):
+        for k in SNN_KEYS:
             d.pop(k)
         return d
 
@@ -124,6 +166,11 @@ class StudentConfig:
             "surrogate_slope": self.surrogate_slope,
             "decay": self.decay,
             "fused_lif": self.fused_lif,
+            "mode": self.mode,
+            "learn_threshold": self.learn_threshold,
+            "learn_decay": self.learn_decay,
+            "target_rate": self.target_rate,
+            "homeostasis": self.homeostasis,
         }
 
     @classmethod
@@ -149,7 +196,7 @@ class TrainConfig:
     dataset_path: str | None = None
     output_dir: str = "artifacts/snn_student"
     num_steps: int = 100
-    batch_size: int = 8
+    batch_size: int = 4  # the spec's examples and the CLI default
     grad_accum_steps: int = 1
     max_length: int = 64
     lr: float = 1e-4
@@ -177,15 +224,24 @@ class TrainConfig:
     export_onnx: bool = False
     checkpoint_every: int = 0
     resume: bool = False
+    # --teacher-responses: distil over prompt + the teacher's reply (responses.py)
+    teacher_responses: bool = False
+    response_max_new_tokens: int = 48
+    response_sample: bool = False  # False: greedy replies
+    response_temperature: float = 0.7
+    response_top_p: float = 0.9
+    response_seed: int | None = None  # None: --seed
+    response_cache: str | None = None  # None: TEACHER_CACHE/responses, else $SNN_DISTILL_CACHE/responses
+    response_loss_only: bool = False
+    on_policy_fraction: float = 0.0  # share of micro-batches whose reply the student samples itself
+    max_texts: int | None = None  # keep the first N texts of the dataset
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(bool(self.teacher_model), "--teacher-model is required (a Hub id, a folder or a .gguf file)")
         _check(self.num_steps >= 1, f"--num-steps must be positive, got {self.num_steps}")
         _check(self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}")
-        _check(
-            self.grad_accum_steps >= 1, f"--grad-accum-steps must be positive, got {self.grad_accum_steps}"
-        )
+        _check(self.grad_accum_steps >= 1, f"--grad-accum-steps must be positive, got {self.grad_accum_steps}")
         _check(self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}")
         _check(self.lr > 0, f"--lr must be positive, got {self.lr}")
         _check(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
@@ -205,9 +261,7 @@ class TrainConfig:
             0.0 <= self.held_out_fraction < 0.5,
             f"held-out fraction must be in [0, 0.5), got {self.held_out_fraction}",
         )
-        _check(
-            self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"
-        )
+        _check(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
         _check(self.loss_chunk_tokens >= 1, "loss chunk size must be positive")
         _check(
             self.teacher_cache_topk >= 1,
@@ -221,6 +275,30 @@ class TrainConfig:
         _check(
             self.teacher_quantization in ("none", "8bit", "4bit"),
             f"--teacher-quantization must be none, 8bit or 4bit, got {self.teacher_quantization!r}",
+        )
+        self._check_responses()
+
+    def _check_responses(self) -> None:
+        _check(self.max_texts is None or self.max_texts >= 1, f"--max-texts must be positive, got {self.max_texts}")
+        _check(
+            1 <= self.response_max_new_tokens <= 4096,
+            f"--response-max-new-tokens must be in 1..4096, got {self.response_max_new_tokens}",
+        )
+        _check(self.response_temperature > 0, f"--response-temperature must be > 0, got {self.response_temperature}")
+        _check(0 < self.response_top_p <= 1, f"--response-top-p must be in (0, 1], got {self.response_top_p}")
+        _check(
+            0.0 <= self.on_policy_fraction <= 1.0,
+            f"--on-policy-fraction must be in [0, 1], got {self.on_policy_fraction}",
+        )
+        needs = [f for f, on in (("--response-loss-only", self.response_loss_only),
+                                 ("--on-policy-fraction", self.on_policy_fraction > 0)) if on]  # fmt: skip
+        _check(
+            self.teacher_responses or not needs,
+            f"{' and '.join(needs)} need(s) --teacher-responses (the student learns from the teacher's replies)",
+        )
+        _check(
+            not (self.teacher_responses and self.pack),
+            "--teacher-responses and --pack do not mix: each example is one prompt + its reply; drop --pack",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -655,6 +655,46 @@ def _log_truncated(texts: list[str], truncated_ids: list[list[int]], tokenizer: 
     return cut
 
 
+def reply_blocks(
+    prompt_ids: Sequence[Sequence[int]],
+    replies: Sequence[tuple[Sequence[int], int | None]],
+    max_length: int,
+) -> tuple[list[list[int]], list[int]]:
+    """Prompt + reply examples: (blocks, reply_starts).
+
+    Block i is prompt_ids[i] + reply ids + the stop token (when the reply ended with one), cut at
+    `max_length`; reply_starts[i] is the index of its first reply token (= the prompt's length).
+    """
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2, got {max_length}; raise --max-length")
+    blocks, starts, cut = [], [], 0
+    for p, (ids, stop) in zip(prompt_ids, replies):
+        full = [*p, *ids, *([] if stop is None else [stop])]
+        cut += len(full) > max_length
+        blocks.append(full[:max_length])
+        starts.append(min(len(p), max_length))
+    if cut:
+        log.info(
+            "%d of %d prompt + reply examples are longer than --max-length %d tokens and were cut; a larger "
+            "--max-length or a smaller --response-max-new-tokens keeps whole replies",
+            cut,
+            len(blocks),
+            max_length,
+        )
+    return blocks, starts
+
+
+def response_loss_mask(reply_starts: Sequence[int], mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: True at the positions whose next token is a real reply token (what a response-only
+    loss weights; position i predicts token i + 1, so the prompt's last token predicts the reply's first)."""
+    b, s = mask.shape
+    starts = torch.as_tensor(list(reply_starts), dtype=torch.long, device=mask.device)
+    next_pos = torch.arange(1, s + 1, device=mask.device)[None, :]
+    next_real = torch.zeros_like(mask, dtype=torch.bool)
+    next_real[:, :-1] = mask[:, 1:].bool()
+    return (next_pos >= starts[:, None]) & next_real
+
+
 def check_token_ids(blocks: Sequence[list[int]], vocab_size: int, teacher: str = "the teacher") -> None:
     """DataError when a token id has no row in the teacher's logits (a tokenizer from another model)."""
     top = max((max(b) for b in blocks if b), default=-1)

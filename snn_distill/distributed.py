@@ -17,14 +17,16 @@ import contextlib
 import inspect
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class DistributedError(ValueError):
@@ -81,14 +83,23 @@ def init_distributed(device: torch.device) -> DistContext:
                 "pass --nproc_per_node at most the number of GPUs, or --device cpu"
             )
         torch.cuda.set_device(local_rank)
-    else:
-        # Several CPU workers on one machine share its cores; give each its slice.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+    # The processes on one machine share its cores (CPU workers and the host side of GPU workers):
+    # each takes its slice instead of all of them.
+    torch.set_num_threads(threads_per_process(local_world))
     owns = False
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
         owns = True
     return DistContext(rank, world, local_rank, local_world, backend, owns)
+
+
+def threads_per_process(local_world_size: int) -> int:
+    """This process's share of the cores it may run on, when `local_world_size` processes share them."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(local_world_size, 1))
 
 
 def local_device(device: torch.device, ctx: DistContext) -> torch.device:
@@ -137,6 +148,16 @@ def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
 def barrier(ctx: DistContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+def on_main_then_barrier(ctx: DistContext, fn: Callable[[], T]) -> T | None:
+    """Call `fn` on rank 0 alone (e.g. writing checkpoint.pt); every rank returns only once it has
+    finished. Without this wait the other ranks of an interrupted run would report the checkpoint
+    saved and exit while rank 0 still writes it, and torchrun would then kill rank 0 mid-write.
+    Returns fn's result on rank 0, None on the others."""
+    result = fn() if ctx.is_main else None
+    barrier(ctx)
+    return result
 
 
 class TrainForward(nn.Module):

@@ -20,13 +20,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .cli_common import ArgParser, UserError, run_guarded, setup_logging
+
 log = logging.getLogger("snn_distill")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    from .cli import _Parser
-
-    p = _Parser(prog=prog, description="Evaluate a trained student against its teacher (fidelity and efficiency).")
+    p = ArgParser(prog=prog, description="Evaluate a trained student against its teacher (fidelity and efficiency).")
     p.add_argument("--artifacts", required=True, help="folder holding student.pt + metadata.json")
     p.add_argument("--teacher-model", help="Hugging Face id, folder or .gguf file (default: the run's teacher)")
     src = p.add_mutually_exclusive_group()
@@ -52,15 +52,9 @@ def _same_source(a: tuple[str | None, str | None], b: tuple[str | None, str | No
     return norm(a) == norm(b)
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    import torch
-
-    from .artifacts import METADATA_FILE, STUDENT_FILE, load_student, update_metadata
-    from .cli import UserError
-    from .data import DataError, fixed_batches, load_texts, split_held_out, tokenize_texts
-    from .distill import configure_threads, pick_device
-    from .evaluate import evaluate_efficiency, evaluate_fidelity, format_report, unigram_baseline
-    from .teacher import load_teacher
+def _check_args(args: argparse.Namespace) -> Path:
+    """The flags argparse cannot check; returns the artifacts folder."""
+    from .artifacts import STUDENT_FILE
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
@@ -73,30 +67,41 @@ def _evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"--artifacts {art} is not a folder; pass the --output-dir of a training run")
     if not (art / STUDENT_FILE).is_file():
         raise UserError(f"{art} holds no {STUDENT_FILE}; pass the --output-dir of a finished training run")
-    configure_threads()
-    device = pick_device(args.device)
-    student, meta = load_student(art / STUDENT_FILE, art / METADATA_FILE, map_location=device)
-    cfg: dict[str, Any] = dict(meta.get("config") or {})
+    return art
+
+
+def _load_run_teacher(args: argparse.Namespace, meta: dict[str, Any], vocab_size: int, device: Any) -> Any:
+    """The run's teacher (or --teacher-model), checked against the student's vocabulary."""
+    from .teacher import load_teacher
+
+    cfg = meta.get("config") or {}
     teacher_name = (
         args.teacher_model or cfg.get("teacher_model") or (meta.get("training_config") or {}).get("teacher_model")
     )
     if not teacher_name:
         raise UserError("metadata names no teacher; pass --teacher-model")
+    log.info("loading teacher %s", teacher_name)
+    teacher = load_teacher(teacher_name, device=device)
+    if teacher.vocab_size != vocab_size:
+        raise UserError(
+            f"teacher {teacher_name} has {teacher.vocab_size} logits but the student was trained for "
+            f"{vocab_size}; pass the run's own teacher with --teacher-model"
+        )
+    return teacher
+
+
+def _evaluation_data(args: argparse.Namespace, cfg: dict[str, Any], tok: Any, vocab_size: int):
+    """(split, dataset name, fixed batches, unigram log-probabilities or None): the run's held-out texts
+    on its own dataset (its first training blocks when nothing was held out), any other dataset whole."""
+    from .data import DataError, fixed_batches, load_texts, split_held_out, tokenize_texts
+    from .evaluate import unigram_baseline
+
     max_length = args.max_length or int(cfg.get("max_length") or 64)
     pack = bool(cfg.get("pack", False))
     seed = int(cfg.get("seed", 0))
     fraction = float(cfg.get("held_out_fraction", 0.05) or 0.0)
     train_src = (cfg.get("dataset") or "synthetic", cfg.get("dataset_path"))
     eval_src = (args.dataset, args.dataset_path) if (args.dataset or args.dataset_path) else train_src
-
-    log.info("loading teacher %s", teacher_name)
-    teacher = load_teacher(teacher_name, device=device)
-    if teacher.vocab_size != student.config.vocab_size:
-        raise UserError(
-            f"teacher {teacher_name} has {teacher.vocab_size} logits but the student was trained for "
-            f"{student.config.vocab_size}; pass the run's own teacher with --teacher-model"
-        )
-    tok = teacher.tokenizer
 
     def blocks_of(texts: list[str]) -> list[list[int]]:
         return tokenize_texts(texts, tok, max_length, pack=pack)
@@ -116,19 +121,36 @@ def _evaluate(args: argparse.Namespace) -> None:
             split, eval_blocks = "train", blocks_of(train_texts or [])
     else:
         split, eval_blocks = "dataset", blocks_of(load_texts(*eval_src))
-    max_batches = args.eval_batches or None
-    batches = fixed_batches(eval_blocks, args.batch_size, tok.pad_token_id, max_batches)
+    batches = fixed_batches(eval_blocks, args.batch_size, tok.pad_token_id, args.eval_batches or None)
     if not batches:
         raise UserError(
             "no evaluation text of at least 2 tokens; pass a longer --dataset-path or a larger --max-length"
         )
-    unigram = unigram_baseline(blocks_of(train_texts), teacher.vocab_size) if train_texts else None
+    unigram = unigram_baseline(blocks_of(train_texts), vocab_size) if train_texts else None
+    return split, eval_src[1] or eval_src[0], batches, unigram
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .artifacts import METADATA_FILE, STUDENT_FILE, load_student, update_metadata
+    from .distill import configure_threads, pick_device
+    from .evaluate import evaluate_efficiency, evaluate_fidelity, format_report
+
+    art = _check_args(args)
+    configure_threads()
+    device = pick_device(args.device)
+    student, meta = load_student(art / STUDENT_FILE, art / METADATA_FILE, map_location=device)
+    teacher = _load_run_teacher(args, meta, student.config.vocab_size, device)
+    cfg: dict[str, Any] = dict(meta.get("config") or {})
+    split, name, batches, unigram = _evaluation_data(args, cfg, teacher.tokenizer, teacher.vocab_size)
     with torch.inference_mode():
         ev = evaluate_fidelity(student, teacher, batches, device=device, unigram_logprobs=unigram)
     if not ev:
         raise UserError("the evaluation text has no next-token pairs; pass longer texts")
-    name = eval_src[1] or eval_src[0]
     evaluation = {"split": split, "dataset": name, **ev}
+    if isinstance((meta.get("evaluation") or {}).get("responses"), dict):  # measured in training, kept
+        evaluation["responses"] = meta["evaluation"]["responses"]
     efficiency = evaluate_efficiency(student, batches, device=device, split=split)
     if not args.no_update:
         update_metadata(art / METADATA_FILE, evaluation=evaluation, efficiency=efficiency)
@@ -141,8 +163,6 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "evaluate_snn_student.py") -> int:
-    from .cli import run_guarded, setup_logging
-
     args = build_parser(prog).parse_args(argv)
     setup_logging(args.quiet)
     return run_guarded(_evaluate, args)

@@ -53,10 +53,22 @@ class TeacherTargets:
             None if self.tail is None else self.tail[sl],
         )
 
-    def to(self, device: torch.device | str) -> TeacherTargets:
-        idx = None if self.indices is None else self.indices.to(device)
-        tail = None if self.tail is None else self.tail.to(device)
-        return TeacherTargets(self.logprobs.to(device), idx, tail)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherTargets:
+        """On `device`; non_blocking copies overlap with compute when the tensors are in pinned memory."""
+        idx = None if self.indices is None else self.indices.to(device, non_blocking=non_blocking)
+        tail = None if self.tail is None else self.tail.to(device, non_blocking=non_blocking)
+        return TeacherTargets(self.logprobs.to(device, non_blocking=non_blocking), idx, tail)
+
+
+def token_weights(
+    n: int, scale: float, keep: torch.Tensor | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Per-token loss weights [n]: `scale` on every token, or only where `keep` [n] (bool) is True and
+    0 elsewhere. The response-only loss keeps the positions that predict a reply token, with `scale`
+    = 1 / (number of such positions in the whole step)."""
+    if keep is None:
+        return torch.full((n,), scale, device=device)
+    return keep.to(device=device, dtype=torch.float32) * scale
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +258,7 @@ class _ChunkedDistill(torch.autograd.Function):
                 row = temperature * tw
                 g_h = h * row[:, None]
             else:
-                z = h @ w32.t()  # [c, V]
+                z = F.linear(h, w32)  # [c, V]; F.linear: hooks and profilers see the head matmul
                 lab = None if labels is None else labels[sl]
                 cw = None if ce_w is None else ce_w[sl]
                 t, kd, ce, g = _chunk_loss_and_grad(z, targets[sl], lab, tw, cw, kind, temperature, hard_weight)

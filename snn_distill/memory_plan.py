@@ -12,6 +12,10 @@ built-in table of known models; its parameters are counted exactly by building i
   8.5*D + 2.5*Q + 2*F values per token-timestep per layer, measured with saved-tensor hooks; Q is the
   Q/K/V width, F the MLP width), the teacher target [N, V] fp32, and the chunked loss's working set
   (about 6 buffers of [chunk, V] fp32) plus its fp32 head-gradient accumulator [V, D];
+* evaluation (before step 1, every --eval-interval steps and at the end, on rank 0): the teacher's
+  logits [B, S, V] in its dtype, the student's fp32 forward without gradients (one layer's working
+  set, bounded by what a layer saves for the backward) and its hidden states [B, S, D], and the
+  chunked comparison (about 4 buffers of [chunk, V] fp32, the chunk being --loss-chunk-tokens);
 * persistent: teacher weights, student weights + gradients + AdamW moments (16 bytes a parameter),
   DDP's gradient buckets (4 bytes a parameter) with several processes, the CUDA context.
 
@@ -34,6 +38,7 @@ QUANT_BYTES = {"8bit": 1.0, "4bit": 0.53}
 CUDA_CONTEXT_BYTES = 0.5 * GIB  # CUDA context + caching-allocator slack, per process and GPU
 LOSS_CHUNK_BUFFERS = 6  # live [chunk, V] fp32 tensors inside the chunked loss
 TEACHER_SOFTMAX_BUFFERS = 3  # live [chunk, V] fp32 tensors while building the targets chunk by chunk
+EVAL_CHUNK_BUFFERS = 4  # live [chunk, V] fp32 tensors inside evaluate._batch_sums
 
 # Shapes of teachers the spec names, so that a plan for a Hub id works offline without its config.
 KNOWN_TEACHERS: dict[str, dict[str, Any]] = {
@@ -355,17 +360,49 @@ def plan_memory(
         LOSS_CHUNK_BUFFERS * chunk * v * 4, dev,
     )  # fmt: skip
     plan.add("student step", "loss head-gradient buffer", f"[{v}, {d}] x 4 B", v * d * 4, dev)
+
+    dims = dict(b=b, s=s, v=v, d=d, tb=tb, tok_ts=tok_ts, per_layer=per_layer, chunk=chunk)
+    _add_evaluation(plan, dims, logits, dev, tdev)
     return plan
 
 
+def gpus_of_run(cfg: Any, world_size: int = 1, local_world_size: int | None = None) -> list[int]:
+    """Indices of the GPUs a run on this machine uses: one per local process (0..n-1) and the
+    --teacher-device's."""
+    n = max(1, local_world_size or world_size)
+    used = set(range(n))
+    tdev = getattr(cfg, "teacher_device", None) or ""
+    if tdev.startswith("cuda"):
+        used.add(int(tdev.split(":")[1]) if ":" in tdev else 0)
+    return sorted(used)
+
+
+def _add_evaluation(plan: MemoryPlan, n: dict[str, Any], logits: float, dev: str, tdev: str) -> None:
+    """The evaluation phase (no grad, no autocast): the teacher's logits stay while the student's
+    rows are compared a chunk at a time (`evaluate.evaluate_fidelity`)."""
+    b, s, v, d, chunk, tok_ts = n["b"], n["s"], n["v"], n["d"], n["chunk"], n["tok_ts"]
+    plan.add("evaluation", "teacher logits (held)", f"[{b}, {s}, {v}] x {n['tb']:.0f} B", logits, tdev)
+    fwd = f"T*B*S={tok_ts} x {n['per_layer']:.0f} x 4 B"
+    plan.add("evaluation", "student forward (no grad)", fwd, tok_ts * n["per_layer"] * 4, dev)
+    plan.add("evaluation", "student hidden states", f"[{b}, {s}, {d}] x 4 B", b * s * d * 4, dev)
+    work = f"{EVAL_CHUNK_BUFFERS} x [{chunk}, {v}] x 4 B"
+    plan.add("evaluation", "evaluation chunk working set", work, EVAL_CHUNK_BUFFERS * chunk * v * 4, dev)
+
+
 def plan_from_args(cfg: Any, student_args: dict[str, Any], world_size: int = 1) -> MemoryPlan:
-    """The plan for the CLI's configs; the budget is the visible GPU's memory, else 16 GiB."""
+    """The plan for the CLI's configs; the budget is the smallest memory among the visible GPUs the
+    run uses (every local process's and the teacher's), else 16 GiB."""
+    import os
+
     budget = 16.0
     try:
         import torch
 
         if torch.cuda.is_available() and cfg.device != "cpu":
-            budget = torch.cuda.get_device_properties(0).total_memory / GIB
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+            count = torch.cuda.device_count()
+            used = [i for i in gpus_of_run(cfg, world_size, local) if i < count] or [0]
+            budget = min(torch.cuda.get_device_properties(i).total_memory for i in used) / GIB
     except Exception:  # noqa: BLE001 - the default budget is fine
         pass
     return plan_memory(cfg, student_args, world_size=world_size, budget_gib=budget)

@@ -18,6 +18,7 @@ Everything here is stateless: membrane state lives only inside one call, and the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -32,6 +33,10 @@ __all__ = [
     "FastSigmoidSpike",
     "SigmoidSpike",
     "TriangularSpike",
+    "calibrate_threshold",
+    "lif_dynamics",
+    "lif_inference",
+    "lif_margin",
     "lif_multistep",
     "lif_multistep_loop",
     "spike",
@@ -217,52 +222,99 @@ def _check_current(current: Tensor) -> None:
         raise ValueError(f"current must be [T, ...] with T >= 1, got shape {tuple(current.shape)}")
 
 
-def lif_multistep_loop(
-    current: Tensor,
-    *,
-    decay: float,
-    threshold: float,
-    surrogate: str = "sigmoid",
-    slope: float | None = None,
-) -> Tensor:
-    """Reference LIF: one autograd op per step and term. current [T, ...] -> spikes [T, ...]."""
-    k = _resolve(surrogate, slope)
-    _check_current(current)
-    fn = SURROGATES[surrogate]
+def lif_dynamics(
+    current: Tensor, decay: float | Tensor, threshold: float | Tensor, fire: Callable[[Tensor], Tensor]
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The LIF dynamics, one timestep at a time: current [T, ...] -> yields (u[t] - θ, s[t]), each [...].
+
+    The one written-out copy of the recurrence (the fused kernel `_lif_forward` is its in-place
+    version, tested bit-identical). `fire(u - θ)` makes the spike: a surrogate-gradient Function
+    for training, a plain comparison for inference and export (ONNX has no Heaviside op). decay and
+    threshold are floats or tensors broadcasting over the last (channel) dim. T is a static shape,
+    so the loop unrolls when traced: no data-dependent Python control flow.
+    """
     u = torch.zeros_like(current[0])
     s = torch.zeros_like(u)
-    out = []
     # unbind: one backward node stacking all T grads; indexing current[t] would materialise a
     # full-size zero gradient per step (O(T^2) backward work)
     for i_t in current.unbind(0):
         u = decay * u + i_t - threshold * s.detach()
-        s = fn.apply(u - threshold, k)
-        out.append(s)
-    return torch.stack(out)
+        x = u - threshold
+        s = fire(x)
+        yield x, s
 
 
-def _lif_loop_inference(current: Tensor, decay: float, threshold: float) -> Tensor:
-    """No-autograd LIF that torch.export/ONNX can trace: current [T, ...] -> spikes [T, ...].
+def _fire_inference(x: Tensor) -> Tensor:
+    return (x > 0).to(x.dtype)
 
-    T is a static shape, so the loop unrolls; there is no data-dependent Python control flow.
+
+def lif_multistep_loop(
+    current: Tensor,
+    *,
+    decay: float | Tensor,
+    threshold: float | Tensor,
+    surrogate: str = "sigmoid",
+    slope: float | None = None,
+) -> Tensor:
+    """Reference LIF: one autograd op per step and term. current [T, ...] -> spikes [T, ...].
+
+    decay/threshold may be tensors (per channel, broadcast over the last dim) that require grad:
+    autograd then gives their gradients (learnable leak and threshold, as PLIF).
     """
-    u = torch.zeros_like(current[0])
-    s = torch.zeros_like(u)
-    out = []
-    for t in range(current.shape[0]):
-        u = decay * u + current[t] - threshold * s
-        s = (u - threshold > 0).to(current.dtype)  # ONNX has no Heaviside op
-        out.append(s)
-    return torch.stack(out)
+    k = _resolve(surrogate, slope)
+    _check_current(current)
+    fn = SURROGATES[surrogate]
+    return torch.stack([s for _, s in lif_dynamics(current, decay, threshold, lambda x: fn.apply(x, k))])
+
+
+def lif_inference(current: Tensor, decay: float | Tensor, threshold: float | Tensor) -> Tensor:
+    """No-autograd LIF that torch.export/ONNX can trace: current [T, ...] -> spikes [T, ...]."""
+    return torch.stack([s for _, s in lif_dynamics(current, decay, threshold, _fire_inference)])
+
+
+def lif_margin(current: Tensor, decay: float | Tensor, threshold: float | Tensor) -> Tensor:
+    """Smallest |u - θ| over timesteps and the last dim: current [T, N, ..., F] -> [N, ...].
+
+    How close any neuron came to flipping; export verification uses it to excuse positions where
+    float rounding legitimately flips a spike.
+    """
+    best = None
+    for x, _ in lif_dynamics(current, decay, threshold, _fire_inference):
+        m = x.abs().amin(-1)
+        best = m if best is None else torch.minimum(best, m)
+    return best
+
+
+def calibrate_threshold(
+    current: Tensor, decay: float | Tensor, target_rate: float, lo: float = 1e-2, hi: float = 1e2, iters: int = 24
+) -> Tensor:
+    """Per-channel threshold [F] at which each channel of current [T, N..., F] fires at `target_rate`.
+
+    Bisection in log space (the rate falls monotonically as the threshold rises); a channel that
+    cannot reach the rate even at `lo` gets `lo`. Data-dependent initialisation, as Glow's ActNorm:
+    it starts every neuron firing, whatever the scale of its input current.
+    """
+    f = current.shape[-1]
+    flat = current.detach().float().reshape(current.shape[0], -1, f)  # [T, N, F]
+    log_lo = torch.full((f,), math.log(lo), device=current.device)
+    log_hi = torch.full((f,), math.log(hi), device=current.device)
+    for _ in range(iters):
+        mid = (log_lo + log_hi) / 2
+        rate = lif_inference(flat, decay, mid.exp()).mean((0, 1))
+        too_many = rate > target_rate  # raise the threshold
+        log_lo = torch.where(too_many, mid, log_lo)
+        log_hi = torch.where(too_many, log_hi, mid)
+    return ((log_lo + log_hi) / 2).exp()
 
 
 def _lif_forward(
-    current: Tensor, decay: float, threshold: float, surrogate: str, slope: float, save_sg: bool
+    current: Tensor, decay: float, threshold: float | Tensor, surrogate: str, slope: float, save_sg: bool
 ) -> tuple[Tensor, Tensor | None]:
     """In-place LIF recurrence: current [T, ...] -> (spikes [T, ...], sg [T, ...] or None).
 
-    Uses the same elementwise ops, in the same order, as `lif_multistep_loop`, so spikes and
-    surrogate values are bit-identical to it.
+    The in-place version of `lif_dynamics`: the same elementwise ops in the same order, so spikes
+    and surrogate values are bit-identical to `lif_multistep_loop`. threshold: a float or a
+    per-channel tensor that needs no gradient.
     """
     T = current.shape[0]
     spikes = torch.empty(current.shape, dtype=current.dtype, device=current.device)
@@ -272,11 +324,16 @@ def _lif_forward(
     deriv = _DERIVATIVES[surrogate]
     # The loop computes u - (θ*s) with θ*s rounded to the tensor dtype; using that rounded θ as
     # `alpha` makes the single fused op give the same bits (s is exactly 0 or 1), also in bf16.
-    theta_q = torch.tensor(threshold, dtype=current.dtype).item()
+    # A per-channel θ tensor: θ*s is exact too, so addcmul's u - s*θ matches the loop's bits.
+    per_channel = isinstance(threshold, Tensor)
+    theta_q = threshold.to(current.dtype) if per_channel else torch.tensor(threshold, dtype=current.dtype).item()
     for t in range(T):
         u.mul_(decay).add_(current[t])
         if t > 0:
-            u.sub_(spikes[t - 1], alpha=theta_q)
+            if per_channel:
+                u.addcmul_(spikes[t - 1], theta_q, value=-1.0)
+            else:
+                u.sub_(spikes[t - 1], alpha=theta_q)
         xt = x if sg is None else sg[t]  # x = u - θ, turned into sg[t] in place
         torch.sub(u, threshold, out=xt)
         _heaviside(xt, out=spikes[t])
@@ -305,7 +362,9 @@ class LIFMultiStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, current: Tensor, decay: float, threshold: float, surrogate: str, slope: float | None) -> Tensor:
+    def forward(
+        ctx, current: Tensor, decay: float, threshold: float | Tensor, surrogate: str, slope: float | None
+    ) -> Tensor:
         k = _resolve(surrogate, slope)
         _check_current(current)
         save = ctx.needs_input_grad[0]
@@ -338,8 +397,8 @@ class LIFMultiStep(torch.autograd.Function):
 def lif_multistep(
     current: Tensor,
     *,
-    decay: float,
-    threshold: float,
+    decay: float | Tensor,
+    threshold: float | Tensor,
     surrogate: str = "sigmoid",
     slope: float | None = None,
     fused: bool = True,
@@ -347,15 +406,25 @@ def lif_multistep(
     """LIF over the leading time axis: current [T, ...] -> spikes [T, ...] (same dtype, 0/1).
 
     fused=True uses `LIFMultiStep` (fast, saves one tensor); fused=False the per-step reference.
-    Without grad the fused path only runs the recurrence and keeps nothing for backward.
+    Without grad the fused path only runs the recurrence and keeps nothing for backward. A learnable
+    (grad-requiring) threshold or a tensor decay takes the reference loop, whose autograd gives their
+    gradients.
     """
     k = _resolve(surrogate, slope)
     _check_current(current)
-    if not fused:
+    learnable = isinstance(decay, Tensor) or (isinstance(threshold, Tensor) and threshold.requires_grad)
+    if not fused or (learnable and torch.is_grad_enabled()):
         return lif_multistep_loop(current, decay=decay, threshold=threshold, surrogate=surrogate, slope=k)
+    if isinstance(decay, Tensor):  # no grad: plain ops
+        return lif_inference(current, decay, threshold)
     if torch.is_grad_enabled() and current.requires_grad:
         return LIFMultiStep.apply(current, decay, threshold, surrogate, k)
     return _lif_forward(current, decay, threshold, surrogate, k, save_sg=False)[0]
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1.0 - 1e-4)
+    return math.log(p / (1.0 - p))
 
 
 class LIF(torch.nn.Module):
@@ -364,7 +433,19 @@ class LIF(torch.nn.Module):
     Row block t of x (rows t*B .. t*B+B-1) is the input current at timestep t. After each forward
     `last_spike_rate` holds the mean spike value (0-dim float32, detached); with `record_stats`
     it also accumulates `fire_counts` (float64 [F], spikes per neuron) and `num_observations`
-    (rows of F neurons seen, i.e. timesteps x tokens) until `reset_stats()`.
+    (rows of F neurons seen, i.e. timesteps x tokens) until `reset_stats()`; with `record_margin`,
+    `last_margin` holds `lif_margin` of the last input.
+
+    With `channels`, the threshold is per channel (a buffer, or a parameter with
+    `learn_threshold`), and `learn_decay` makes the leak a per-channel parameter (decay = sigmoid(w),
+    as PLIF). With `target_rate`, the first training forward sets each channel's threshold so that
+    it fires at that rate on its input (`calibrate_threshold`), once: the `calibrated` flag is saved
+    with the weights. With `homeostasis` = eta > 0, every later training forward nudges each channel's
+    threshold toward that rate, theta *= exp(eta * (rate - target_rate)) (homeostatic threshold
+    adaptation: no channel stays silent or saturated as the weights move); frozen in eval mode.
+
+    The recurrence always runs in float32, also under autocast: bf16 rounding of the membrane and
+    threshold would make training spikes differ from the float32 serving spikes.
     """
 
     def __init__(
@@ -375,19 +456,42 @@ class LIF(torch.nn.Module):
         surrogate: str = "sigmoid",
         slope: float | None = None,
         fused: bool = True,
+        *,
+        channels: int | None = None,
+        learn_threshold: bool = False,
+        learn_decay: bool = False,
+        target_rate: float | None = None,
+        homeostasis: float = 0.0,
     ) -> None:
         super().__init__()
         if int(num_timesteps) < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
         _resolve(surrogate, slope)
+        if channels is None and (learn_threshold or learn_decay or target_rate is not None):
+            raise ValueError("a learnable or calibrated LIF needs `channels` (its feature count)")
         self.num_timesteps = int(num_timesteps)
         self.decay = float(decay)
         self.threshold = float(threshold)
         self.surrogate = surrogate
         self.slope = None if slope is None else float(slope)
         self.fused = bool(fused)
+        self.target_rate = target_rate
+        if homeostasis < 0 or (homeostasis > 0 and target_rate is None):
+            raise ValueError("homeostasis needs a target_rate and a rate >= 0")
+        self.homeostasis = float(homeostasis)
+        self.per_channel = channels is not None
+        if self.per_channel:
+            theta = torch.full((int(channels),), self.threshold)
+            if learn_threshold:
+                self.theta = torch.nn.Parameter(theta)
+            else:
+                self.register_buffer("theta", theta)
+            self.register_buffer("calibrated", torch.tensor(target_rate is None))
+        self.decay_logit = torch.nn.Parameter(torch.full((int(channels),), _logit(self.decay))) if learn_decay else None
         self.record_stats = False
+        self.record_margin = False
         self.last_spike_rate: Tensor | None = None
+        self.last_margin: Tensor | None = None
         self.fire_counts: Tensor | None = None  # None until the first recorded forward
         self.num_observations = 0
 
@@ -396,29 +500,63 @@ class LIF(torch.nn.Module):
         self.fire_counts = None
         self.num_observations = 0
 
+    def threshold_value(self) -> float | Tensor:
+        """The threshold in use: a float, or [F] (kept above 1e-3 while it learns)."""
+        if not self.per_channel:
+            return self.threshold
+        return self.theta.clamp_min(1e-3) if self.theta.requires_grad else self.theta
+
+    def decay_value(self) -> float | Tensor:
+        """The membrane leak in use: a float, or [F] with `learn_decay`."""
+        return self.decay if self.decay_logit is None else torch.sigmoid(self.decay_logit)
+
     def forward(self, x: Tensor) -> Tensor:
         """x [T*B, ...] -> spikes [T*B, ...] of the same dtype."""
         T = self.num_timesteps
         if not torch.compiler.is_compiling() and x.shape[0] % T != 0:
             raise ValueError(f"leading dim {x.shape[0]} is not a multiple of num_timesteps={T}")
+        if x.dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.float()).to(x.dtype)
         seq = x.reshape(T, -1, *x.shape[1:])
+        if self.per_channel and self.training and not bool(self.calibrated):
+            self._calibrate(seq)
+        decay, threshold = self.decay_value(), self.threshold_value()
         if torch.is_grad_enabled() and x.requires_grad:
             spikes = lif_multistep(
-                seq,
-                decay=self.decay,
-                threshold=self.threshold,
-                surrogate=self.surrogate,
-                slope=self.slope,
-                fused=self.fused,
+                seq, decay=decay, threshold=threshold, surrogate=self.surrogate, slope=self.slope, fused=self.fused
             )
         else:
             # plain ops only: the autograd.Function and the in-place kernel do not export
-            spikes = _lif_loop_inference(seq, self.decay, self.threshold)
+            spikes = lif_inference(seq, decay, threshold)
         out = spikes.view(x.shape)
+        if self.homeostasis and self.training and torch._C._current_graph_task_id() == -1:
+            self._adapt(spikes.detach())  # not while backward recomputes a checkpointed forward
         # while exporting, x is a fake tensor and torch.export warns about tensor attributes
         if not torch.compiler.is_exporting():
             self._record(out.detach())
+            if self.record_margin:
+                with torch.no_grad():
+                    self.last_margin = lif_margin(seq, decay, threshold)
         return out
+
+    @torch.no_grad()
+    def _calibrate(self, seq: Tensor) -> None:
+        decay = self.decay_value()
+        theta = calibrate_threshold(seq, decay.detach() if isinstance(decay, Tensor) else decay, self.target_rate)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(theta)  # every rank must start from the same thresholds
+            theta /= torch.distributed.get_world_size()
+        self.theta.copy_(theta)
+        self.calibrated.fill_(True)
+
+    @torch.no_grad()
+    def _adapt(self, spikes: Tensor) -> None:
+        rate = spikes.reshape(-1, spikes.shape[-1]).mean(0, dtype=torch.float32)  # [F]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(rate)  # every rank applies the same update
+            rate /= torch.distributed.get_world_size()
+        self.theta.mul_(torch.exp(self.homeostasis * (rate - self.target_rate)).to(self.theta.dtype))
 
     def _record(self, spikes: Tensor) -> None:
         self.last_spike_rate = spikes.mean(dtype=torch.float32)
@@ -431,7 +569,17 @@ class LIF(torch.nn.Module):
 
     def extra_repr(self) -> str:
         slope = DEFAULT_SLOPES[self.surrogate] if self.slope is None else self.slope
+        extra = ""
+        if self.per_channel:
+            learn = [
+                n
+                for n, p in (("threshold", self.theta), ("decay", self.decay_logit))
+                if p is not None and p.requires_grad
+            ]
+            extra = (
+                f", per_channel=True, learnable={learn}, target_rate={self.target_rate}, homeostasis={self.homeostasis}"
+            )
         return (
             f"num_timesteps={self.num_timesteps}, decay={self.decay}, threshold={self.threshold}, "
-            f"surrogate={self.surrogate}, slope={slope}, fused={self.fused}"
+            f"surrogate={self.surrogate}, slope={slope}, fused={self.fused}{extra}"
         )

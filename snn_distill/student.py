@@ -1,25 +1,37 @@
-"""`SpikingStudentLM` and its same-shape non-spiking twin.
+"""`SpikingStudentLM` and its same-shape non-spiking twin, in two layouts (`snn_config.mode`).
 
-Layout of one block (pre-norm, real-valued residual stream, T folded into the batch):
+T timesteps are folded into the batch: the residual stream is x [T*B, S, D], real-valued, and the
+token embedding is repeated over the T timesteps (direct encoding). LIF neurons integrate over the T
+timesteps of each token, so a token's spikes never depend on later tokens, and the key/value spikes
+of earlier positions can be cached exactly for decoding.
 
-    x: [T*B, S, D]
-    h = RMSNorm(x)
-    q, k, v = LIF(W_qkv h)            spiking Q/K/V, binary        [T*B, S, (H + 2*Hkv) * hd]
-    a = causal_attention(rope(q), rope(k), v)   per timestep       [T*B, S, D]
-    x = x + W_o a
-    s = LIF(W_up RMSNorm(x))          spiking hidden layer, binary [T*B, S, F]
-    x = x + W_down s
+hybrid (the original student): spikes feed attention and the MLP down-projection only.
 
-The token embedding is repeated over the T timesteps (direct encoding); the readout averages the
-residual stream over T and applies the LM head once. LIF neurons integrate over the T timesteps of
-each token, so a token's spikes never depend on later tokens, and the key/value spikes of earlier
-positions can be cached exactly for decoding.
+    q, k, v = LIF(W_qkv RMSNorm(x))          binary Q/K/V                  [T*B, S, (H + 2*Hkv) * hd]
+    x = x + W_o attention(rope(q), rope(k), v)
+    x = x + W_down LIF(W_up RMSNorm(x))
+    logits = W_head RMSNorm(mean_T x)         the head reads real values
+
+spike-driven: every weight matmul reads a spike code (Spike-driven Transformer style; the residual
+stays real and each branch starts with a LIF on its normalised input).
+
+    q, k, v = LIF(W_qkv LIF(RMSNorm(x)))       binary Q/K/V; scores from binary Q and K
+    x = x + W_o LIF(RMSNorm(attention(rope(q), rope(k), v)))
+    x = x + W_down LIF(W_up LIF(RMSNorm(x)))
+    logits = (W_head * g / T) c,  c = sum_T LIF(RMSNorm(x))   per-token spike counts in 0..T; the
+                                                  per-channel gain g and 1/T fold into the head weight
+
+Every LIF there has a per-channel threshold, calibrated on the first training batch to fire at
+`target_rate`, optionally kept there by homeostatic adaptation while training, or learnable (with a
+learnable leak). Every weight matmul goes through
+`F.linear`, so profilers, hooks and the energy accounting (energy.py) see each one and its operand.
 
 RoPE is applied to the spike vectors, not the currents: a rotation is a fixed linear map, so the
-score between two spike vectors still depends only on their relative position.
+score between two spike vectors still depends only on their relative position. The decode cache
+keeps keys *before* RoPE (exactly 0/1 for a spiking student) and rotates them when read.
 
-The ANN twin (`student_type="ann"`) has identical parameters; it uses no activation on Q/K/V,
-GELU in the MLP, and a single "timestep".
+The ANN twin (`student_type="ann"`) has identical weights in the same layout, and no spikes: no
+activation where a LIF feeds Q/K/V, the attention output or the head; GELU in the MLP; one timestep.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ARCHITECTURE_VERSION, StudentConfig
 from .neurons import LIF
 
-# One layer's cached keys and values: ([T*B, Hkv, S_past, hd], [T*B, Hkv, S_past, hd]).
+# One layer's cached keys (before RoPE) and values: ([T*B, Hkv, S_past, hd], [T*B, Hkv, S_past, hd]).
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -85,10 +97,11 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [N, H, S, hd], cos/sin: [S, hd]."""
+    """Rotate-half RoPE. x: [N, H, S, hd], cos/sin: [S, hd] (cast to x's dtype: fp32 tables must not
+    promote bf16 q/k under autocast)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -96,28 +109,35 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         hd, h, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        sd = cfg.spike_driven
+        self.in_lif = _make_lif(cfg, f"{name}.in", cfg.dim) if cfg.spiking and sd else None
         self.qkv = QLinear(cfg.dim, (h + 2 * hkv) * hd, qat=cfg.qat_int8)
+        self.lif = _make_lif(cfg, f"{name}.qkv", (h + 2 * hkv) * hd) if cfg.spiking else None
+        self.out_norm = RMSNorm(h * hd, cfg.norm_eps) if sd else None
+        self.out_lif = _make_lif(cfg, f"{name}.out", h * hd) if cfg.spiking and sd else None
         self.proj = QLinear(h * hd, cfg.dim, qat=cfg.qat_int8)
-        self.lif = _make_lif(cfg, f"{name}.qkv") if cfg.spiking else None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KVCache | None
     ) -> tuple[torch.Tensor, KVCache]:
-        """x: [N, S, D] (N = T*B) -> ([N, S, D], present kv [N, Hkv, S_past + S, hd])."""
+        """x: [N, S, D] (N = T*B), cos/sin [S_past + S, hd] -> ([N, S, D], present kv [N, Hkv, S_past + S, hd])."""
         cfg = self.cfg
         n, s, _ = x.shape
         hd, h, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        if self.in_lif is not None:
+            x = self.in_lif(x)
         qkv = self.qkv(x)
         if self.lif is not None:
             qkv = self.lif(qkv)
         q, k, v = qkv.split([h * hd, hkv * hd, hkv * hd], dim=-1)
-        q = apply_rope(q.view(n, s, h, hd).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(n, s, hkv, hd).transpose(1, 2), cos, sin)
+        q = apply_rope(q.view(n, s, h, hd).transpose(1, 2), cos[-s:], sin[-s:])
+        k = k.view(n, s, hkv, hd).transpose(1, 2)
         v = v.view(n, s, hkv, hd).transpose(1, 2)
         if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        present = (k, v)
+            k = torch.cat([past[0].to(k.dtype), k], dim=2)
+            v = torch.cat([past[1].to(v.dtype), v], dim=2)
+        present = (k, v)  # keys before RoPE: exactly 0/1 for a spiking student
+        k = apply_rope(k, cos, sin)
         if hkv != h:
             k = k.repeat_interleave(h // hkv, dim=1)
             v = v.repeat_interleave(h // hkv, dim=1)
@@ -132,17 +152,24 @@ class Attention(nn.Module):
             mask = torch.arange(total, device=x.device)[None, :] <= qi
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         a = a.transpose(1, 2).reshape(n, s, h * hd)
+        if self.out_norm is not None:
+            a = self.out_norm(a)
+        if self.out_lif is not None:
+            a = self.out_lif(a)
         return self.proj(a), present
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: StudentConfig, name: str) -> None:
         super().__init__()
+        self.in_lif = _make_lif(cfg, f"{name}.in", cfg.dim) if cfg.spiking and cfg.spike_driven else None
         self.up = QLinear(cfg.dim, cfg.hidden_dim, qat=cfg.qat_int8)
         self.down = QLinear(cfg.hidden_dim, cfg.dim, qat=cfg.qat_int8)
-        self.lif = _make_lif(cfg, f"{name}.up") if cfg.spiking else None
+        self.lif = _make_lif(cfg, f"{name}.up", cfg.hidden_dim) if cfg.spiking else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_lif is not None:
+            x = self.in_lif(x)
         h = self.up(x)
         h = self.lif(h) if self.lif is not None else F.gelu(h)
         return self.down(h)
@@ -165,7 +192,8 @@ class Block(nn.Module):
         return x, present
 
 
-def _make_lif(cfg: StudentConfig, name: str) -> LIF:
+def _make_lif(cfg: StudentConfig, name: str, channels: int) -> LIF:
+    per_channel = cfg.per_channel_neurons
     lif = LIF(
         num_timesteps=cfg.num_timesteps,
         decay=cfg.decay,
@@ -173,9 +201,41 @@ def _make_lif(cfg: StudentConfig, name: str) -> LIF:
         surrogate=cfg.surrogate,
         slope=cfg.surrogate_slope,
         fused=cfg.fused_lif,
+        channels=channels if per_channel else None,
+        learn_threshold=cfg.learn_threshold,
+        learn_decay=cfg.learn_decay,
+        target_rate=cfg.target_rate if cfg.spike_driven else None,
+        homeostasis=cfg.homeostasis if cfg.spike_driven else 0.0,
     )
     lif.stat_name = name
     return lif
+
+
+def pack_spikes(x: torch.Tensor) -> torch.Tensor:
+    """Bit-pack 0/1 values along the last dim: [..., n] float -> [..., ceil(n / 8)] uint8."""
+    n = x.shape[-1]
+    pad = (-n) % 8
+    bits = F.pad(x.to(torch.uint8), (0, pad)).view(*x.shape[:-1], -1, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=x.device)
+    return (bits * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_spikes(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `pack_spikes`: [..., ceil(n / 8)] uint8 -> [..., n] of 0/1 in `dtype`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., :n].to(dtype)
+
+
+def pack_kv_cache(past: tuple[KVCache, ...]) -> tuple[KVCache, ...]:
+    """A spiking student's cache bit-packed: per layer ([T*B, Hkv, S, hd] 0/1 keys and values) ->
+    uint8 [T*B, Hkv, S, ceil(hd / 8)], 32x smaller than float32."""
+    return tuple((pack_spikes(k), pack_spikes(v)) for k, v in past)
+
+
+def unpack_kv_cache(packed: tuple[KVCache, ...], head_dim: int) -> tuple[KVCache, ...]:
+    """Inverse of `pack_kv_cache`: float32 0/1 caches [T*B, Hkv, S, head_dim]."""
+    return tuple((unpack_spikes(k, head_dim), unpack_spikes(v, head_dim)) for k, v in packed)
 
 
 class SpikingStudentLM(nn.Module):
@@ -192,12 +252,13 @@ class SpikingStudentLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.depth))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = (
-            None if config.tie_embeddings else QLinear(config.dim, config.vocab_size, config.qat_int8)
-        )
-        inv_freq = 1.0 / (
-            config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
-        )
+        sd = config.spike_driven
+        # spike-driven readout: per-token spike counts of a LIF on the final norm, and a per-channel
+        # gain on them that folds into the head weight
+        self.head_lif = _make_lif(config, "head.in", config.dim) if config.spiking and sd else None
+        self.head_gain = nn.Parameter(torch.ones(config.dim)) if sd else None
+        self.lm_head = None if config.tie_embeddings else QLinear(config.dim, config.vocab_size, config.qat_int8)
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
 
@@ -223,15 +284,15 @@ class SpikingStudentLM(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """[V, D] output projection (the embedding matrix when tied)."""
-        if self.lm_head is None:
-            w = self.embed.weight
-            return fake_quant_int8(w) if self.config.qat_int8 and self.training else w
-        return (
-            fake_quant_int8(self.lm_head.weight)
-            if self.lm_head.qat and self.training
-            else self.lm_head.weight
-        )
+        """[V, D] output projection (the embedding matrix when tied), with the spike-driven
+        readout's gain and 1/T folded in, so that `F.linear(forward_hidden(ids), lm_head_weight)`
+        gives the logits."""
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if self.config.qat_int8 and self.training:
+            w = fake_quant_int8(w)
+        if self.head_gain is not None:
+            w = w * (self.head_gain / self.timesteps).to(w.dtype)
+        return w
 
     def _body(
         self, input_ids: torch.Tensor, past: tuple[KVCache, ...] | None
@@ -243,7 +304,7 @@ class SpikingStudentLM(nn.Module):
         x = self.embed(input_ids)  # [B, S, D]
         if t > 1:
             x = x.unsqueeze(0).expand(t, b, s, x.shape[-1]).reshape(t * b, s, x.shape[-1])
-        cos, sin = rope_cos_sin(self.inv_freq, offset, s, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, 0, offset + s, x.dtype)  # cached keys are rotated on read
         presents = []
         for i, blk in enumerate(self.blocks):
             layer_past = None if past is None else past[i]
@@ -252,12 +313,20 @@ class SpikingStudentLM(nn.Module):
             else:
                 x, present = blk(x, cos, sin, layer_past)
             presents.append(present)
+        return self._readout(x, b, s), tuple(presents)
+
+    def _readout(self, x: torch.Tensor, b: int, s: int) -> torch.Tensor:
+        """Residual stream [T*B, S, D] -> the LM head's input [B, S, D]."""
+        t = self.timesteps
+        if self.head_lif is not None:  # spike counts in 0..T per token and channel
+            return self.head_lif(self.norm(x)).view(t, b, s, -1).sum(0)
         if t > 1:
             x = x.view(t, b, s, -1).mean(0)  # rate readout: average the residual stream over T
-        return self.norm(x), tuple(presents)
+        return self.norm(x)
 
     def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, S] -> hidden [B, S, D] that the LM head maps to logits (for chunked losses)."""
+        """input_ids [B, S] -> the LM head's input [B, S, D] (spike counts in spike-driven mode); the
+        logits are `F.linear(hidden, lm_head_weight)` (for chunked losses)."""
         return self._body(input_ids, None)[0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -270,8 +339,9 @@ class SpikingStudentLM(nn.Module):
     ) -> tuple[torch.Tensor, tuple[KVCache, ...]]:
         """Incremental decoding: input_ids [B, S_new] continue the sequence cached in `past`.
 
-        Returns (logits [B, S_new, V], present) where present holds, per layer, the key/value
-        tensors [T*B, Hkv, S_past + S_new, hd]; each new token costs one position of work.
+        Returns (logits [B, S_new, V], present) where present holds, per layer, the key (before RoPE)
+        and value tensors [T*B, Hkv, S_past + S_new, hd], 0/1 for a spiking student; each new token
+        costs one position of work. `past` may be of any dtype (uint8 from the decode graph).
         """
         h, present = self._body(input_ids, past)
         return F.linear(h, self.lm_head_weight).float(), present
@@ -282,9 +352,7 @@ class SpikingStudentLM(nn.Module):
 
     def spike_rates(self) -> dict[str, float]:
         """Mean spike rate of each LIF layer during the last forward pass."""
-        return {
-            m.stat_name: float(m.last_spike_rate) for m in self.lif_modules() if m.last_spike_rate is not None
-        }
+        return {m.stat_name: float(m.last_spike_rate) for m in self.lif_modules() if m.last_spike_rate is not None}
 
     def set_record_stats(self, on: bool) -> None:
         for m in self.lif_modules():

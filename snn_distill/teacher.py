@@ -136,6 +136,18 @@ def quantization_kwargs(kind: str | None, device: torch.device, dtype: torch.dty
     return {"quantization_config": qcfg, "device_map": {"": index}}
 
 
+def placement_kwargs(device: torch.device, quant: dict) -> dict:
+    """from_pretrained kwargs that load the weights straight onto `device`: a CUDA GPU gets
+    `device_map={"": index}` (no trip through host memory per torchrun rank); quantized weights keep
+    their own map; the CPU needs nothing."""
+    if quant:
+        return quant
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"device_map": {"": index}}
+
+
 def _gguf_cache_dir(path: Path) -> Path:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -201,6 +213,7 @@ def load_teacher(
         load_from, source = name_or_path, "hub"
     torch_dtype = resolve_dtype(dtype, device)
     quant = quantization_kwargs(quantization, device, torch_dtype)
+    place = placement_kwargs(device, quant)
     with quiet_transformers() as tf:
         try:
             tokenizer = tf.AutoTokenizer.from_pretrained(load_from, revision=revision)
@@ -208,9 +221,9 @@ def load_teacher(
             def load_model_fn() -> torch.nn.Module:
                 with quiet_transformers() as tf2:
                     m = tf2.AutoModelForCausalLM.from_pretrained(
-                        load_from, revision=revision, dtype=torch_dtype, **quant
+                        load_from, revision=revision, dtype=torch_dtype, **place
                     )
-                if not quant:  # bitsandbytes models are placed by device_map and cannot be moved
+                if not place:  # placed by device_map (bitsandbytes models cannot be moved at all)
                     m.to(device)
                 m.eval()
                 m.requires_grad_(False)

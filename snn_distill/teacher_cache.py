@@ -56,7 +56,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -409,12 +409,22 @@ class TeacherLogitCache:
             self._verified[b] = True
         self.filled.flush()
 
-    def read(self, block_ids: Sequence[int]) -> TeacherTargets:
-        """Targets for the tokens of `block_ids`, concatenated in order (blocks must be filled)."""
+    def read(self, block_ids: Sequence[int], pin: bool = False) -> TeacherTargets:
+        """Targets for the tokens of `block_ids`, concatenated in order (blocks must be filled).
+
+        pin: build them in page-locked host memory, so that the copy to a GPU can be non_blocking."""
         parts = [self._slices(int(b)) for b in block_ids]
-        idx = torch.from_numpy(np.concatenate([p[0] for p in parts])).long()
-        lp = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-        tail = torch.from_numpy(np.concatenate([p[2] for p in parts]))
+        n = sum(len(p[2]) for p in parts)
+        idx = torch.empty((n, self.k), dtype=torch.long, pin_memory=pin)
+        lp = torch.empty((n, self.k), dtype=torch.float32, pin_memory=pin)
+        tail = torch.empty((n,), dtype=torch.float32, pin_memory=pin)
+        row = 0
+        for ids_part, lp_part, tail_part in parts:
+            m = len(tail_part)
+            idx[row : row + m] = torch.from_numpy(np.asarray(ids_part))
+            lp[row : row + m] = torch.from_numpy(np.asarray(lp_part))
+            tail[row : row + m] = torch.from_numpy(np.asarray(tail_part))
+            row += m
         return TeacherTargets(lp, idx, tail)
 
 
@@ -444,6 +454,7 @@ class CachedTeacherTargets:
         self.blocks = blocks
         self.temperature = float(temperature)
         self.chunk = chunk
+        self.pin = False  # targets in pinned host memory (set when the student trains on CUDA)
         self.hits = 0  # blocks served from the cache
         self.misses = 0  # blocks the teacher computed
         self._by_content: dict[bytes, int] | None = None
@@ -491,7 +502,7 @@ class CachedTeacherTargets:
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, block_ids: Sequence[int]) -> TeacherTargets:
         self.fill(ids, mask, block_ids)
-        return self.cache.read(block_ids)
+        return self.cache.read(block_ids, pin=self.pin)
 
     # -- evaluation
     def _block_of(self, row: torch.Tensor) -> int | None:
@@ -502,28 +513,54 @@ class CachedTeacherTargets:
         return self._by_content.get(row.to(torch.int64).numpy().tobytes())
 
     @torch.inference_mode()
-    def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, S] -> [B, S, V] fp32 whose log_softmax is the cached targets (tail spread evenly)."""
+    def eval_logprob_rows(self, ids: torch.Tensor, mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Evaluation's view of a batch: fn(flat positions [c] into [B * S]) -> log-probabilities
+        [c, V] fp32 on the CPU, built a chunk at a time (no dense [B, S, V] tensor).
+
+        Rows of cached blocks: the cached top-k with the tail mass spread evenly over the other words
+        (padding positions of those rows: uniform). Rows not in the cache: the live teacher's
+        log-softmax at the distillation temperature (its logits [U, S, V] stay in its dtype)."""
         ids, mask = ids.cpu(), mask.cpu()
+        s, v, k = ids.shape[1], self.teacher.vocab_size, self.cache.k
         lens = mask.sum(1).tolist()
         found = [self._block_of(ids[r, : int(n)]) for r, n in enumerate(lens)]
         known = [r for r, b in enumerate(found) if b is not None]
-        v, k = self.teacher.vocab_size, self.cache.k
-        out = torch.zeros((*ids.shape, v), dtype=torch.float32)
-        if known:
-            block_ids = [found[r] for r in known]
-            t = self(ids[known], mask[known], block_ids)
-            spread = t.tail - (math.log(v - k) if v > k else 0.0)
-            rows = torch.cat([torch.full((int(lens[r]),), r) for r in known])
-            cols = torch.cat([torch.arange(int(lens[r])) for r in known])
-            flat = spread[:, None].expand(-1, v).clone()
-            flat.scatter_(1, t.indices, t.logprobs)
-            out[rows, cols] = flat
         unknown = [r for r, b in enumerate(found) if b is None]
-        if unknown:
-            live = self.teacher.logits(ids[unknown], mask[unknown]).float().cpu()
-            out[unknown] = torch.log_softmax(live / self.temperature, dim=-1)
-        return out
+        start = torch.full((len(lens),), -1, dtype=torch.long)  # row -> first entry of its tokens in t
+        live_row = torch.full((len(lens),), -1, dtype=torch.long)  # row -> row of the live logits
+        t = self(ids[known], mask[known], [found[r] for r in known]) if known else None
+        offset = 0
+        for r in known:
+            start[r], offset = offset, offset + int(lens[r])
+        live = self.teacher.logits(ids[unknown], mask[unknown]) if unknown else None
+        live_row[unknown] = torch.arange(len(unknown))
+        length = torch.tensor([int(n) for n in lens], dtype=torch.long)
+        spread_shift = math.log(v - k) if v > k else 0.0
+
+        def rows(pos: torch.Tensor) -> torch.Tensor:
+            pos = pos.cpu()
+            r, p = pos // s, pos % s
+            out = torch.full((pos.numel(), v), -math.log(v), dtype=torch.float32)
+            cached_rows = ((start[r] >= 0) & (p < length[r])).nonzero().squeeze(1)
+            if cached_rows.numel():
+                e = start[r[cached_rows]] + p[cached_rows]
+                dense = (t.tail[e] - spread_shift)[:, None].expand(-1, v).clone()
+                out[cached_rows] = dense.scatter_(1, t.indices[e], t.logprobs[e])
+            live_rows = (live_row[r] >= 0).nonzero().squeeze(1)
+            if live_rows.numel():
+                lr, lp = live_row[r[live_rows]].to(live.device), p[live_rows].to(live.device)
+                x = live[lr, lp].float() / self.temperature
+                out[live_rows] = torch.log_softmax(x, dim=-1).cpu()
+            return out
+
+        return rows
+
+    @torch.inference_mode()
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, S] -> [B, S, V] fp32 whose log_softmax is the cached targets (tail spread evenly); dense,
+        so evaluation uses `eval_logprob_rows` instead."""
+        b, s = ids.shape
+        return self.eval_logprob_rows(ids, mask)(torch.arange(b * s)).view(b, s, -1)
 
     @property
     def vocab_size(self) -> int:
@@ -555,9 +592,12 @@ def open_for_training(
     teacher: Teacher,
     blocks: Sequence[Sequence[int]],
     device: torch.device | str = "cpu",
+    temperature: float | None = None,
 ) -> CachedTeacherTargets:
     """The cache entry for this run (`cfg.teacher_cache`, `cfg.teacher_cache_topk`; `blocks` = training
-    blocks followed by held-out blocks), opened or created, wrapped for the training loop."""
+    blocks followed by held-out blocks), opened or created, wrapped for the training loop. Its targets
+    are at `temperature` (default: the distillation temperature, `cfg.temperature`)."""
+    temperature = float(cfg.temperature if temperature is None else temperature)
     from .teacher import resolve_dtype
 
     root = Path(cfg.teacher_cache).expanduser()
@@ -579,10 +619,39 @@ def open_for_training(
         blocks=blocks,
         max_length=cfg.max_length,
         pack=cfg.pack,
-        temperature=cfg.temperature,
+        temperature=temperature,
         k=int(cfg.teacher_cache_topk),
         extra={"quantization": str(getattr(cfg, "teacher_quantization", "none"))},
     )
     cache = TeacherLogitCache.open(root, components, [len(b) for b in blocks])
     log.info("teacher cache %s: k=%d, %d/%d blocks filled", cache.path, cache.k, cache.num_filled, cache.num_blocks)
-    return CachedTeacherTargets(teacher, cache, blocks, cfg.temperature, chunk=min(256, cfg.loss_chunk_tokens))
+    cached = CachedTeacherTargets(teacher, cache, blocks, temperature, chunk=min(256, cfg.loss_chunk_tokens))
+    cached.pin = torch.device(device).type == "cuda"
+    return cached
+
+
+def open_for_evaluation(
+    cfg: Any,
+    teacher: Teacher,
+    blocks: Sequence[Sequence[int]],
+    training: CachedTeacherTargets,
+    device: torch.device | str = "cpu",
+) -> CachedTeacherTargets:
+    """Evaluation's teacher: the teacher at temperature 1, as without a cache (perplexity, KL and agreement
+    are measured at T=1, whatever the distillation temperature). At --temperature 1 that is the training
+    entry itself; otherwise a second entry keyed at T=1, which holds only the blocks evaluation asks for
+    (its files are sparse). Both serve the top-k with the tail mass spread evenly over the other words:
+    exact for agreement, and for perplexity and KL when k covers the vocabulary (`eval_targets_note`)."""
+    if float(cfg.temperature) == 1.0:
+        return training
+    return open_for_training(cfg, teacher, blocks, device, temperature=1.0)
+
+
+def eval_targets_note(k: int, vocab_size: int) -> str:
+    """What evaluation with the cache measured against, for the metadata and the report."""
+    if k >= vocab_size:
+        return "teacher logit cache at T=1, whole distribution (exact)"
+    return (
+        f"teacher logit cache at T=1, top-{k} of {vocab_size} words with the tail mass spread evenly over "
+        "the rest: agreement exact, teacher perplexity and KL approximate"
+    )

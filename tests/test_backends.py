@@ -324,25 +324,29 @@ def argmax_loop(model, prompt_ids, n, eos):
 def test_hf_greedy_matches_full_recomputation(name, request, gpt2):
     b = request.getfixturevalue(name)
     text = b.generate(PROMPT, max_tokens=12)
-    assert isinstance(text, str)
     assert b.last_token_ids == argmax_loop(b.model, gpt2.encode(PROMPT), 12, gpt2.eos_token_id)
+    assert text == gpt2.decode(b.last_token_ids) and text
     logits = b.model(torch.tensor([[1, 2, 3], [4, 5, 6]]))
     assert isinstance(logits, torch.Tensor) and logits.shape == (2, 3, len(gpt2))
 
 
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama"])
-def test_hf_stream_seed_and_truncation(name, request):
+def test_hf_stream_seed_and_truncation(name, request, gpt2):
     b = request.getfixturevalue(name)
+    eos = gpt2.eos_token_id
     assert "".join(b.stream(PROMPT, max_tokens=8)) == b.generate(PROMPT, max_tokens=8)
     s1 = b.generate(PROMPT, max_tokens=8, temperature=1.0, top_k=50, seed=3)
     assert "".join(b.stream(PROMPT, max_tokens=8, temperature=1.0, top_k=50, seed=3)) == s1
     assert b.generate(PROMPT, max_tokens=8, temperature=1.0, top_k=50, seed=3) == s1
     long_prompt = "word " * 300  # far beyond the 64-position context
-    assert isinstance(b.generate(long_prompt, max_tokens=10), str)
-    assert isinstance(b.generate(long_prompt, max_tokens=80, temperature=0.7, seed=0), str)  # slides
-    assert len(b.last_token_ids) <= 80
     assert b.max_context == 64
-    assert isinstance(b.generate("", max_tokens=3), str)
+    b.generate(long_prompt, max_tokens=10)  # the prompt's last 64 - 10 tokens, then 10 new ones
+    assert b.last_token_ids == argmax_loop(b.model, gpt2.encode(long_prompt)[-54:], 10, eos)
+    sampled = b.generate(long_prompt, max_tokens=80, temperature=0.7, seed=0)  # more than fits: slides
+    assert len(b.last_token_ids) == 80 and eos not in b.last_token_ids
+    assert b.generate(long_prompt, max_tokens=80, temperature=0.7, seed=0) == sampled
+    b.generate("", max_tokens=3)  # an empty prompt starts from GPT-2's <|endoftext|>
+    assert b.last_token_ids == argmax_loop(b.model, [eos], 3, eos)
 
 
 def test_hf_from_pretrained_local_folder(tmp_path):
@@ -395,7 +399,7 @@ def good(tmp_path_factory):
 def snn(good):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # complete artifacts load without a single warning
-        return SNNLLMBackend(model_path=str(good))
+        return SNNLLMBackend(device="cpu", model_path=str(good))
 
 
 def test_snn_loads_real_student(snn, good):
@@ -412,7 +416,7 @@ def test_snn_loads_real_student(snn, good):
 
 def test_snn_greedy_matches_full_recomputation(snn, gpt2):
     text = snn.generate(PROMPT, max_tokens=16)
-    assert isinstance(text, str)
+    assert text and text == gpt2.decode(snn.last_token_ids)
     assert snn.last_token_ids == argmax_loop(snn.model, gpt2.encode(PROMPT), 16, gpt2.eos_token_id)
     assert "".join(snn.stream(PROMPT, max_tokens=16)) == text
 
@@ -435,15 +439,19 @@ def test_snn_stop_strings(snn):
 
 
 def test_snn_edge_prompts(snn, gpt2):
+    eos = gpt2.eos_token_id
     assert snn.generate(PROMPT, max_tokens=0) == ""
-    assert isinstance(snn.generate("", max_tokens=4), str)
-    assert isinstance(snn.generate(TRICKY, max_tokens=4), str)
+    snn.generate("", max_tokens=4)  # an empty prompt starts from GPT-2's <|endoftext|>
+    assert snn.last_token_ids == argmax_loop(snn.model, [eos], 4, eos)
+    snn.generate(TRICKY, max_tokens=4)
+    assert snn.last_token_ids == argmax_loop(snn.model, gpt2.encode(TRICKY), 4, eos)
     long_prompt = "glasses " * 400
-    assert isinstance(snn.generate(long_prompt, max_tokens=6), str)
-    assert len(snn.last_token_ids) <= 6
-    # more new tokens than the 48-token context: the window slides, nothing crashes
-    assert isinstance(snn.generate(long_prompt, max_tokens=60, temperature=1.0, seed=0), str)
-    assert len(snn.last_token_ids) <= 60
+    snn.generate(long_prompt, max_tokens=6)  # the prompt's last 48 - 6 tokens, then 6 new ones
+    assert snn.last_token_ids == argmax_loop(snn.model, gpt2.encode(long_prompt)[-42:], 6, eos)
+    # more new tokens than the 48-token context: the window slides, seeded output is reproducible
+    sampled = snn.generate(long_prompt, max_tokens=60, temperature=1.0, seed=0)
+    assert len(snn.last_token_ids) == 60 and eos not in snn.last_token_ids
+    assert snn.generate(long_prompt, max_tokens=60, temperature=1.0, seed=0) == sampled
 
 
 def test_src_entry_point_reexports():
@@ -459,7 +467,7 @@ def test_src_entry_point_reexports():
 
 def test_missing_student_gives_loud_stub(tmp_path):
     with pytest.warns(RuntimeWarning) as rec:
-        b = SNNLLMBackend(model_path=str(tmp_path / "student.pt"))
+        b = SNNLLMBackend(device="cpu", model_path=str(tmp_path / "student.pt"))
     msgs = [str(w.message) for w in rec]
     assert any("metadata" in m and "not found" in m for m in msgs)
     assert any("SNNLLMBackend is running a STUB model" in m and "placeholder" in m for m in msgs)
@@ -475,19 +483,20 @@ def test_missing_student_gives_loud_stub(tmp_path):
 
 def test_strict_missing_student_raises(tmp_path, good):
     with pytest.raises(ArtifactNotFoundError) as ei:
-        SNNLLMBackend(model_path=str(tmp_path / "student.pt"), strict=True)
+        SNNLLMBackend(device="cpu", model_path=str(tmp_path / "student.pt"), strict=True)
     assert isinstance(ei.value, FileNotFoundError) and isinstance(ei.value, ArtifactError)
     assert "not found" in str(ei.value)
     with pytest.raises(FileNotFoundError):
-        SNNLLMBackend(model_path=str(good), metadata_path=str(tmp_path / "nope.json"), strict=True)
+        SNNLLMBackend(device="cpu", model_path=str(good), metadata_path=str(tmp_path / "nope.json"), strict=True)
 
 
 def test_missing_metadata_warns(good, tmp_path):
     with pytest.warns(RuntimeWarning, match="metadata"):
-        b = SNNLLMBackend(model_path=str(good), metadata_path=str(tmp_path / "elsewhere.json"))
+        b = SNNLLMBackend(device="cpu", model_path=str(good), metadata_path=str(tmp_path / "elsewhere.json"))
     assert b.metadata == {} and b.config == {} and b.snn_config == {}
     assert b.is_stub and "architecture" in b.stub_reason  # a state dict alone cannot be rebuilt
-    assert isinstance(b.generate(PROMPT, max_tokens=3), str)
+    out = b.generate(PROMPT, max_tokens=12)  # the stub's placeholder text, never a model's
+    assert out.startswith(STUB_TEXT[:6]) and "stub" in out
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # pytest.warns re-emits the unmatched ones
@@ -495,13 +504,13 @@ def test_malformed_metadata_warns(good, tmp_path):
     bad = tmp_path / "metadata.json"
     bad.write_text("{ this is not json")
     with pytest.warns(RuntimeWarning, match="not valid JSON"):
-        b = SNNLLMBackend(model_path=str(good), metadata_path=str(bad))
+        b = SNNLLMBackend(device="cpu", model_path=str(good), metadata_path=str(bad))
     assert b.metadata == {} and b.is_stub
     bad.write_text("[1, 2, 3]")
     with pytest.warns(RuntimeWarning, match="JSON object"):
-        assert SNNLLMBackend(model_path=str(good), metadata_path=str(bad)).metadata == {}
+        assert SNNLLMBackend(device="cpu", model_path=str(good), metadata_path=str(bad)).metadata == {}
     with pytest.raises(ArtifactError, match="not valid JSON|JSON object"):
-        SNNLLMBackend(model_path=str(good), metadata_path=str(bad), strict=True)
+        SNNLLMBackend(device="cpu", model_path=str(good), metadata_path=str(bad), strict=True)
 
 
 @pytest.mark.parametrize(
@@ -515,17 +524,17 @@ def test_weights_mismatching_metadata(tmp_path, good, meta_cfg, match):
     sd = torch.load(good, weights_only=True)
     path, _ = write_artifacts(tmp_path, StudentConfig(**meta_cfg), state_dict=sd)
     with pytest.raises(ArtifactError, match=match):
-        SNNLLMBackend(model_path=str(path), strict=True)
+        SNNLLMBackend(device="cpu", model_path=str(path), strict=True)
     with pytest.warns(RuntimeWarning, match="STUB") as rec:
-        b = SNNLLMBackend(model_path=str(path))
+        b = SNNLLMBackend(device="cpu", model_path=str(path))
     assert b.is_stub and any(re.search(match, str(w.message)) for w in rec)
 
 
 def test_strict_tokenizer_failure(good):
     with pytest.raises(ArtifactError, match="tokenizer"):
-        SNNLLMBackend(model_path=str(good), tokenizer_name="/no/such/tokenizer", strict=True)
+        SNNLLMBackend(device="cpu", model_path=str(good), tokenizer_name="/no/such/tokenizer", strict=True)
     with pytest.warns(RuntimeWarning, match="override"):
-        b = SNNLLMBackend(model_path=str(good), tokenizer_name="/no/such/tokenizer")
+        b = SNNLLMBackend(device="cpu", model_path=str(good), tokenizer_name="/no/such/tokenizer")
     assert b.tokenizer_source == "config:gpt2" and not b.is_stub
 
 
@@ -535,17 +544,21 @@ def test_tokenizer_saved_in_artifact_folder(tmp_path):
     path, model = write_artifacts(tmp_path, cfg, tokenizer_name="not/used-artifact-wins", tokenizer=tok)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        b = SNNLLMBackend(model_path=str(path))
+        b = SNNLLMBackend(device="cpu", model_path=str(path))
     assert b.tokenizer_source == f"artifact:{tmp_path}" and not b.is_stub
     out = b.generate("hello world", max_tokens=10)
-    assert isinstance(out, str)
+    prompt_text = tok.decode(tok.encode("hello world"), skip_special_tokens=True)
+    full = tok.decode(tok.encode("hello world") + b.last_token_ids, skip_special_tokens=True)
+    assert full.startswith(prompt_text) and out == full[len(prompt_text) :]  # decoded after the prompt
     assert b.last_token_ids == argmax_loop(b.model, tok.encode("hello world"), 10, tok.eos_token_id)
     # a tokenizer bigger than the student's vocabulary is refused in strict mode, warned otherwise
     with pytest.raises(ArtifactError, match="vocabulary mismatch"):
-        SNNLLMBackend(model_path=str(path), tokenizer_name="gpt2", strict=True)
+        SNNLLMBackend(device="cpu", model_path=str(path), tokenizer_name="gpt2", strict=True)
     with pytest.warns(RuntimeWarning, match="vocabulary mismatch"):
-        b = SNNLLMBackend(model_path=str(path), tokenizer_name="gpt2")
-    assert isinstance(b.generate(PROMPT, max_tokens=3), str)
+        b = SNNLLMBackend(device="cpu", model_path=str(path), tokenizer_name="gpt2")
+    b.generate(PROMPT, max_tokens=3)  # prompt ids past the student's 15 words are replaced, never fed
+    assert b.vocab_size == len(tok) and all(0 <= t < len(tok) for t in b.last_token_ids)
+    assert b.last_token_ids == argmax_loop(b.model, b._in_vocab(b.tokenizer.encode(PROMPT)), 3, b.eos_token_id)
 
 
 def make_tiny_tokenizer():
@@ -574,10 +587,10 @@ def test_malicious_pickle_is_not_executed(tmp_path, good):
     torch.save({"embed.weight": torch.zeros(2, 2), "payload": _Evil(marker)}, evil)
     (tmp_path / "metadata.json").write_bytes((good.parent / "metadata.json").read_bytes())
     with pytest.warns(RuntimeWarning, match="STUB"):
-        b = SNNLLMBackend(model_path=str(evil))
+        b = SNNLLMBackend(device="cpu", model_path=str(evil))
     assert b.is_stub and not marker.exists()
     with pytest.raises(ArtifactError):
-        SNNLLMBackend(model_path=str(evil), strict=True)
+        SNNLLMBackend(device="cpu", model_path=str(evil), strict=True)
     assert not marker.exists()
 
 
@@ -586,9 +599,9 @@ def test_truncated_student_falls_back(tmp_path, good):
     (tmp_path / "student.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "metadata.json").write_bytes((good.parent / "metadata.json").read_bytes())
     with pytest.warns(RuntimeWarning, match="STUB"):
-        assert SNNLLMBackend(model_path=str(tmp_path / "student.pt")).is_stub
+        assert SNNLLMBackend(device="cpu", model_path=str(tmp_path / "student.pt")).is_stub
     with pytest.raises(ArtifactError):
-        SNNLLMBackend(model_path=str(tmp_path / "student.pt"), strict=True)
+        SNNLLMBackend(device="cpu", model_path=str(tmp_path / "student.pt"), strict=True)
 
 
 class _TinyLM(torch.nn.Module):
@@ -608,13 +621,23 @@ def test_torchscript_student(tmp_path, good, gpt2):
         warnings.simplefilter("ignore")  # torch.jit is deprecated in recent torch
         torch.jit.script(_TinyLM(len(gpt2))).save(str(tmp_path / "student.pt"))
     (tmp_path / "metadata.json").write_bytes((good.parent / "metadata.json").read_bytes())
+    path = str(tmp_path / "student.pt")
+    # a TorchScript archive runs the code it carries: refused unless the caller opts in
+    with pytest.warns(RuntimeWarning, match="TorchScript archive.*allow_torchscript=True"):
+        refused = SNNLLMBackend(device="cpu", model_path=path)
+    assert refused.is_stub and refused.model_kind == "stub" and "allow_torchscript" in refused.stub_reason
+    with pytest.raises(ArtifactError, match="allow_torchscript=True"):
+        SNNLLMBackend(device="cpu", model_path=path, strict=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        b = SNNLLMBackend(model_path=str(tmp_path / "student.pt"))
+        b = SNNLLMBackend(device="cpu", model_path=path, allow_torchscript=True, strict=True)
     assert b.model_kind == "torchscript" and not b.is_stub and b.max_context == 48
     b.generate(PROMPT, max_tokens=8)
     assert b.last_token_ids == argmax_loop(b.model, gpt2.encode(PROMPT), 8, gpt2.eos_token_id)
-    assert isinstance(b.generate("x " * 100, max_tokens=60), str)  # sliding window without a KV cache
+    long_prompt = "x " * 100  # beyond the 48-token context, and no KV cache: the window is recomputed
+    b.generate(long_prompt, max_tokens=6)
+    assert b.last_token_ids == argmax_loop(b.model, gpt2.encode(long_prompt)[-42:], 6, gpt2.eos_token_id)
+    assert len(b.generate(long_prompt, max_tokens=60, temperature=1.0, seed=0)) and len(b.last_token_ids) == 60
 
 
 def test_stub_model_contract():
@@ -639,7 +662,7 @@ def test_backend_without_torch_and_transformers(tmp_path, good):
         warnings.simplefilter("always")
         with warnings.catch_warnings(record=True) as rec:
             from src.llm_snn_backend import SNNLLMBackend
-            b = SNNLLMBackend(model_path={str(good)!r})
+            b = SNNLLMBackend(device="cpu", model_path={str(good)!r})
         assert b.is_stub and b.tokenizer_source == "whitespace-stub", b
         assert any("transformers is not installed" in str(w.message) for w in rec)
         assert any("STUB model" in str(w.message) and "PyTorch" in str(w.message) for w in rec)

@@ -6,7 +6,7 @@ Everything is local: a real WordLevel tokenizer trained here, datasets written t
 from __future__ import annotations
 
 import json
-import time
+import socket
 
 import pytest
 import torch
@@ -192,10 +192,17 @@ def test_unknown_hub_id_fails_fast_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     before = datasets.config.HF_HUB_OFFLINE
-    start = time.perf_counter()
+    attempts: list[object] = []  # any network attempt (the slow path: HTTP retries) is recorded and refused
+
+    def no_network(*args, **kwargs):
+        attempts.append(args[1:] or args)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
     with pytest.raises(DataError, match="not found locally or on the Hugging Face Hub") as info:
         load_texts("snn-distill-test-org/no-such-dataset-xyz")
-    assert time.perf_counter() - start < 10.0
+    assert attempts == []  # offline honoured: not one connection or DNS lookup
     msg = str(info.value)
     assert "\n" not in msg and "no-such-dataset-xyz" in msg and "save_to_disk" in msg
     assert datasets.config.HF_HUB_OFFLINE is before is False  # the offline switch was only temporary
@@ -273,12 +280,13 @@ def test_packing_drops_a_one_token_tail(tokenizer):
     assert [len(b) for b in blocks] == [n - 1]
 
 
-def test_tokenize_is_fast_for_many_lines(tokenizer):
-    texts = synthetic_prompts() * 13  # ~10k lines; the cost is the one batched tokenizer call
-    start = time.perf_counter()
+def test_tokenize_many_lines_in_one_call(tokenizer):
+    """~10k lines in one batched tokenizer call (its speed is measured in bench/, not here)."""
+    texts = synthetic_prompts() * 13
     blocks = tokenize_texts(texts, tokenizer, max_length=32, pack=True)
-    assert time.perf_counter() - start < 8.0
-    assert len(blocks) > 1000
+    assert len(blocks) > 1000 and all(len(b) == 32 for b in blocks[:-1]) and 2 <= len(blocks[-1]) <= 32
+    head = tokenize_texts(texts[:50], tokenizer, max_length=32, pack=True)
+    assert blocks[: len(head) - 1] == head[:-1]  # the same blocks as a small call, in order
 
 
 # ------------------------------------------------------------------------------------------------

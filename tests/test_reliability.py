@@ -53,7 +53,7 @@ from snn_distill.student import SpikingStudentLM
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
     "--student-dim", "16", "--student-heads", "2", "--max-length", "16", "--batch-size", "2",
-    "--log-interval", "0", "--no-git-tracking",
+    "--log-interval", "0", "--no-git-tracking", "--device", "cpu",
 ]  # fmt: skip
 STUDENT = {"dim": 16, "depth": 1, "num_heads": 2}
 
@@ -126,7 +126,7 @@ def hidden(folder: Path) -> list[str]:
 def tiny_cfg(teacher: Path, out: Path, **kw) -> TrainConfig:
     base = dict(
         teacher_model=str(teacher), output_dir=str(out), num_steps=2, batch_size=2, max_length=16,
-        log_interval=1, git_tracking=False, held_out_fraction=0.05,
+        log_interval=1, git_tracking=False, held_out_fraction=0.05, device="cpu",
     )  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
@@ -138,7 +138,8 @@ def tiny_cfg(teacher: Path, out: Path, **kw) -> TrainConfig:
 
 
 def _hub_error(status: int, headers: dict[str, str], url: str) -> Exception:
-    """The exception huggingface_hub raises for this HTTP answer (its own hf_raise_for_status)."""
+    """The exception huggingface_hub raises for this HTTP answer (its own hf_raise_for_status). httpx2 is
+    huggingface_hub's HTTP client, pinned in the dev extra."""
     import httpx2
     from huggingface_hub.utils import hf_raise_for_status
 
@@ -289,8 +290,8 @@ def _saved(tok, folder: Path) -> Path:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_cuda_asked_for_without_a_gpu(tiny_teacher_dir, tmp_path, capsys):
-    argv = ["--teacher-model", str(tiny_teacher_dir), "--output-dir", str(tmp_path / "o"), "--device", "cuda",
-            "--quiet", *SMALL]  # fmt: skip
+    argv = ["--teacher-model", str(tiny_teacher_dir), "--output-dir", str(tmp_path / "o"), "--quiet", *SMALL,
+            "--device", "cuda"]  # fmt: skip
     line = error_line(*run_cli(train_main, argv, capsys)[::2])
     assert "--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto" in line
 
@@ -384,7 +385,7 @@ def test_out_of_memory_in_a_training_step(tiny_teacher_dir, tmp_path):
         [sys.executable, str(script), "--teacher-model", str(tiny_teacher_dir), "--dataset-path", str(prompts),
          "--output-dir", str(out), "--num-steps", "2", "--batch-size", "8192", "--max-length", "64",
          "--held-out-fraction", "0", "--student-dim", "32", "--student-heads", "4", "--log-interval", "0",
-         "--no-git-tracking", "--quiet"],
+         "--no-git-tracking", "--quiet", "--device", "cpu"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     line = error_line(proc.returncode, proc.stderr)
@@ -568,10 +569,10 @@ def _refit_checksum(d: Path) -> None:
 
 def _backend_errors(d: Path, match: str) -> None:
     with pytest.raises(ArtifactError, match=match):
-        SNNLLMBackend(model_path=str(d / "student.pt"), strict=True)
+        SNNLLMBackend(device="cpu", model_path=str(d / "student.pt"), strict=True)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        b = SNNLLMBackend(model_path=str(d / "student.pt"))  # not strict: a loud stub, never a crash
+        b = SNNLLMBackend(device="cpu", model_path=str(d / "student.pt"))  # not strict: a loud stub, never a crash
     assert b.is_stub and any("STUB" in str(w.message) for w in rec)
     assert isinstance(b.generate("hello", max_tokens=3), str)
 
@@ -618,9 +619,9 @@ def test_metadata_of_another_run(good_set, tiny_tokenizer, tmp_path, capsys):
     save_artifacts(other, model.state_dict(), meta, tokenizer=tiny_tokenizer)
     shutil.copy(other / "metadata.json", good_set / "metadata.json")
     with pytest.raises(ArtifactError, match=r"does not match its metadata.json \(checksum differs\)"):
-        SNNLLMBackend(model_path=str(good_set / "student.pt"), strict=True)
+        SNNLLMBackend(device="cpu", model_path=str(good_set / "student.pt"), strict=True)
     with pytest.warns(RuntimeWarning, match="checksum differs.*loading anyway"):
-        assert not SNNLLMBackend(model_path=str(good_set / "student.pt")).is_stub
+        assert not SNNLLMBackend(device="cpu", model_path=str(good_set / "student.pt")).is_stub
     line = error_line(*run_cli(export_main, ["--model-path", str(good_set / "student.pt"), "--quiet"], capsys)[::2])
     assert "does not match its metadata.json (checksum differs): the files come from different runs" in line
 

@@ -25,7 +25,7 @@ from snn_distill.student import SpikingStudentLM
 from snn_distill.teacher import load_teacher, resolve_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--student-dim", "32", "--student-heads", "4", "--max-length", "24", "--no-git-tracking"]
+TINY = ["--student-dim", "32", "--student-heads", "4", "--max-length", "24", "--no-git-tracking", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)
@@ -134,6 +134,7 @@ def _cfg(teacher: Path, out: Path, **kw) -> TrainConfig:
     base = dict(
         teacher_model=str(teacher),
         output_dir=str(out),
+        device="cpu",  # the exact-resume tests rely on CPU determinism
         num_steps=4,
         eval_batches=2,
         batch_size=2,
@@ -319,7 +320,9 @@ def test_dry_run_prints_the_plan_without_loading_weights(tiny_teacher_dir, capsy
     assert train_main(spec) == 0
     out = capsys.readouterr().out
     assert "teacher weights" in out and "3.21B" in out and "bfloat16" in out
-    assert "effective batch 32 sequences" in out and "fits in 16 GiB" in out
+    # the budget is the GPU's memory where one is visible, else 16 GiB
+    budget = f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f}" if torch.cuda.is_available() else "16"
+    assert "effective batch 32 sequences" in out and f"fits in {budget} GiB" in out
     assert (
         train_main(
             [
@@ -479,11 +482,15 @@ def test_larger_students_with_gradient_checkpointing_give_the_same_gradients(dim
 
 
 def test_train_a_wider_deeper_student_with_checkpointing(tiny_teacher_dir, tmp_path):
-    student = dict(dim=256, depth=4, num_heads=4, num_timesteps=2, gradient_checkpointing=True)
-    run = train(_cfg(tiny_teacher_dir, tmp_path / "wide", num_steps=2, max_length=16), student, progress=False)
-    meta = json.loads((tmp_path / "wide" / "metadata.json").read_text())
+    """Checkpointing recomputes activations; it must not change the training run."""
+    losses = {}
+    for gc in (True, False):
+        student = dict(dim=256, depth=4, num_heads=4, num_timesteps=2, gradient_checkpointing=gc)
+        cfg = _cfg(tiny_teacher_dir, tmp_path / f"gc{gc}", num_steps=3, max_length=16, lr=3e-3)
+        losses[gc] = [h["loss"] for h in train(cfg, student, progress=False).history]
+    meta = json.loads((tmp_path / "gcTrue" / "metadata.json").read_text())
     assert meta["architecture"]["dim"] == 256 and meta["architecture"]["gradient_checkpointing"] is True
-    assert run.history[-1]["loss"] < run.history[0]["loss"] * 1.5
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("dev,match", [("gpu", "is not a device"), ("cuda:7", "CUDA GPU(s) are visible")])

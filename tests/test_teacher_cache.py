@@ -4,6 +4,7 @@ k, and detection of corrupt or partial entries. Tiny real teachers from conftest
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -64,6 +65,7 @@ def _cfg(teacher_dir, out, cache, **kw):
         seed=3,
         teacher_cache=str(cache),
         teacher_cache_topk=16,
+        device="cpu",
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -321,3 +323,39 @@ def test_corrupt_and_partial_entries_are_detected_and_rebuilt(tiny_teacher_dir, 
     # a different k is a different entry, not a clash
     s8, s4 = fresh(), _entry(tmp_path, teacher, blocks, k=4)
     assert s8.cache.path != s4.cache.path and s4.cache.k == 4
+
+
+@pytest.mark.parametrize("k", [16, 10_000])  # 10_000 >= the tiny vocabulary: the whole distribution
+def test_evaluation_with_the_cache_is_the_teacher_at_temperature_one(tiny_teacher_dir, tmp_path, k):
+    """Distilled at T=2 from the cache, evaluation still measures the teacher at T=1 (as a live run does):
+    exactly when k covers the vocabulary, and agreement exactly for any k."""
+    from snn_distill.data import fixed_batches, split_held_out
+    from snn_distill.evaluate import evaluate_fidelity
+
+    cfg = _cfg(tiny_teacher_dir, tmp_path / "run", tmp_path / "tcache", temperature=2.0, teacher_cache_topk=k)
+    teacher = load_teacher(str(tiny_teacher_dir), load_model=False)
+    run = train(cfg, STUDENT, teacher=teacher, progress=False)
+    ev = run.metadata["evaluation"]
+    assert ev["split"] == "held_out" and "T=1" in ev["teacher_targets"]
+
+    live = load_teacher(str(tiny_teacher_dir))  # the full teacher at T=1 on the same held-out batches
+    _, held_texts = split_held_out(load_texts(cfg.dataset), cfg.held_out_fraction, cfg.seed)
+    held = tokenize_texts(held_texts, live.tokenizer, cfg.max_length, pack=cfg.pack)
+    batches = fixed_batches(held, cfg.batch_size, live.tokenizer.pad_token_id, cfg.eval_batches)
+    with torch.inference_mode():
+        want = evaluate_fidelity(run.student.eval(), live, batches, device="cpu")
+    assert ev["tokens"] == want["tokens"]
+    assert ev["top1_agreement"] == pytest.approx(want["top1_agreement"], abs=1e-9)
+    if k >= live.vocab_size:
+        assert "exact" in ev["teacher_targets"]
+        for key in ("teacher_perplexity", "kl_teacher_student", "student_perplexity"):
+            assert ev[key] == pytest.approx(want[key], rel=1e-4), key
+    # The T=2 training targets give a much flatter teacher (perplexity 1.8x here): evaluating with them
+    # is the error this test guards against.
+    soft = evaluate_fidelity(run.student.eval(), lambda i, m: live.logits(i, m) / 2.0, batches, device="cpu")
+    assert soft["teacher_perplexity"] > 1.3 * want["teacher_perplexity"]
+    if k < live.vocab_size:  # top-16 of 384 with the tail spread evenly: labelled approximate, still near
+        assert "approximate" in ev["teacher_targets"]
+        off = abs(math.log(ev["teacher_perplexity"] / want["teacher_perplexity"]))
+        assert off < 0.5 * abs(math.log(soft["teacher_perplexity"] / want["teacher_perplexity"]))
+        assert ev["kl_teacher_student"] == pytest.approx(want["kl_teacher_student"], rel=0.1)

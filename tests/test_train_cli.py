@@ -28,7 +28,10 @@ SPEC_KEYS = {
     "training_results",
     "metadata",
 }
-SMALL = ["--student-dim", "32", "--student-heads", "4", "--log-interval", "0", "--quiet", "--no-git-tracking"]
+SMALL = [
+    "--student-dim", "32", "--student-heads", "4", "--log-interval", "0", "--quiet", "--no-git-tracking",
+    "--device", "cpu",
+]  # fmt: skip
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -283,7 +286,7 @@ def test_flag_combinations_train_and_are_recorded(tiny_teacher_dir, tmp_path, ca
     )
     assert rc == 0, err
     meta = json.loads((out / "metadata.json").read_text())
-    args = parse_train_args(["--teacher-model", "x", *flags])
+    args = parse_train_args(["--teacher-model", "x", "--device", "cpu", *flags])  # SMALL's device
     for k, v in vars(args).items():
         if k not in (
             "teacher_model",

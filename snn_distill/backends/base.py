@@ -18,6 +18,7 @@ import math
 import os
 import random
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,6 +26,15 @@ REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded together with the new ones, so tokenizers that strip a leading space
 # (SentencePiece) or merge across token boundaries still produce the right text.
 _DECODE_CONTEXT_TOKENS = 5
+
+
+def torch_or_none() -> Any:
+    """The torch module, or None where it is not installed (the backends' stub path runs without it)."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - a broken torch install is as good as none here
+        return None
+    return torch
 
 
 def _is_torch_tensor(x: Any) -> bool:
@@ -203,6 +213,44 @@ class _StopFilter:
         return out
 
 
+def _vocab_len(logits: Any) -> int:
+    return int(logits.numel()) if _is_torch_tensor(logits) else len(logits)
+
+
+class _Shaping:
+    """Logit changes before each pick: EOS (and blank tokens) suppressed early, repetition penalty."""
+
+    def __init__(self, min_tokens: int, penalty: float) -> None:
+        self.min_tokens = min_tokens
+        self.penalty = penalty
+
+    def active(self, produced: int) -> bool:
+        return produced < self.min_tokens or self.penalty != 1.0
+
+    def apply(self, logits: Any, seen: set[int], suppress: list[int]) -> Any:
+        """A changed copy of `logits` [V] (torch tensor or sequence); ids outside [0, V) are ignored."""
+        n = _vocab_len(logits)
+        seen_ids = [i for i in seen if 0 <= i < n] if self.penalty != 1.0 else []
+        drop = [i for i in suppress if 0 <= i < n]
+        if _is_torch_tensor(logits):
+            import torch
+
+            x = logits.detach().reshape(-1).to(torch.float32).clone()
+            if seen_ids:
+                idx = torch.tensor(seen_ids, dtype=torch.long, device=x.device)
+                v = x[idx]
+                x[idx] = torch.where(v > 0, v / self.penalty, v * self.penalty)
+            if drop:
+                x[torch.tensor(drop, dtype=torch.long, device=x.device)] = float("-inf")
+            return x
+        x = [float(v) for v in (logits.tolist() if hasattr(logits, "tolist") else logits)]
+        for i in seen_ids:
+            x[i] = x[i] / self.penalty if x[i] > 0 else x[i] * self.penalty
+        for i in drop:
+            x[i] = float("-inf")
+        return x
+
+
 class LLMBackend(abc.ABC):
     """Common interface: `generate(prompt, ...) -> continuation` and `stream(prompt, ...) -> pieces`.
 
@@ -213,6 +261,8 @@ class LLMBackend(abc.ABC):
 
     max_context: int | None = None
     is_stub: bool = False
+    default_min_tokens: int = 0  # used when generate/stream get min_tokens=None
+    default_repetition_penalty: float = 1.0  # used when they get repetition_penalty=None
 
     def __init__(self) -> None:
         self.last_token_ids: list[int] = []
@@ -280,6 +330,10 @@ class LLMBackend(abc.ABC):
         top_p: float | None = None,
         stop: str | list[str] | None = None,
         seed: int | None = None,
+        *,
+        min_tokens: int | None = None,
+        repetition_penalty: float | None = None,
+        raw: bool = False,
     ) -> Iterator[str]:
         """Yield the continuation of `prompt` piece by piece, as soon as each piece decodes cleanly.
 
@@ -289,19 +343,45 @@ class LLMBackend(abc.ABC):
         if max_tokens is None or int(max_tokens) < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         _validate_sampling(temperature, top_k, top_p)
+        min_tokens = self.default_min_tokens if min_tokens is None else min_tokens
+        penalty = self.default_repetition_penalty if repetition_penalty is None else repetition_penalty
+        if int(min_tokens) < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
+        if math.isnan(penalty) or penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = none), got {penalty}")
         self.last_token_ids = []
-        return self._stream(prompt, int(max_tokens), temperature, top_k, top_p, _normalize_stops(stop), seed)
+        shaping = _Shaping(int(min_tokens), float(penalty))
+        stops = _normalize_stops(stop)
+        return self._stream(prompt, int(max_tokens), temperature, top_k, top_p, stops, seed, shaping, raw)
 
-    def _stream(self, prompt, max_tokens, temperature, top_k, top_p, stops, seed) -> Iterator[str]:
+    def _prompt_ids(self, prompt: str, raw: bool) -> list[int]:
+        """Token ids of `prompt` as the model gets them; backends that format prompts (a chat
+        template) do it here unless `raw`."""
+        return [int(i) for i in self._encode(prompt)]
+
+    def _stream(self, prompt, max_tokens, temperature, top_k, top_p, stops, seed, shaping, raw) -> Iterator[str]:
         if max_tokens == 0:
             return
-        prompt_ids = [int(i) for i in self._encode(prompt if prompt is not None else "")]
+        prompt_ids = self._prompt_ids(prompt if prompt is not None else "", raw)
         if not prompt_ids:
             prompt_ids = self._empty_prompt_ids()
         prompt_ids = self._fit_prompt(prompt_ids, max_tokens)
-        yield from self._run(prompt_ids, max_tokens, temperature, top_k, top_p, stops, seed)
+        yield from self._run(prompt_ids, max_tokens, temperature, top_k, top_p, stops, seed, shaping)
 
-    def _run(self, prompt_ids, max_tokens, temperature, top_k, top_p, stops, seed) -> Iterator[str]:
+    def _blank_token_ids(self, vocab: int) -> list[int]:
+        """Ids (< vocab) whose text is empty or whitespace only (cached per instance)."""
+        cached = getattr(self, "_blank_ids", None)
+        if cached is None or cached[0] != vocab:
+            cached = (vocab, [i for i, t in enumerate(self._decode_each(range(vocab))) if not t.strip()])
+            self._blank_ids = cached
+        return cached[1]
+
+    def _decode_each(self, ids: Sequence[int]) -> list[str]:
+        """The text of each id on its own."""
+        return [self._decode([i]) for i in ids]
+
+    def _run(self, prompt_ids, max_tokens, temperature, top_k, top_p, stops, seed, shaping=None) -> Iterator[str]:
+        shaping = shaping or _Shaping(0, 1.0)
         eos_ids = self._eos_ids()
         ctx_ids = list(prompt_ids)  # what the model currently sees (for the sliding window)
         state, logits = self._start(list(ctx_ids))
@@ -312,12 +392,26 @@ class LLMBackend(abc.ABC):
         filt = _StopFilter(stops)
         generated: list[int] = []
         self.last_token_ids = generated
+        seen = set(ctx_ids)  # the repetition penalty covers the prompt too, as in Hugging Face generate
+        visible = False  # whether the reply has any non-whitespace text yet
         for step in range(max_tokens):
-            tok = sample_next_token(_fast_logits(logits), temperature, top_k, top_p, generator)
+            x = _fast_logits(logits)
+            early = len(generated) < shaping.min_tokens
+            if shaping.active(len(generated)):
+                x = shaping.apply(x, seen, list(eos_ids) if early else [])
+            tok = sample_next_token(x, temperature, top_k, top_p, generator)
+            if early and not visible and not self._decode([*generated, tok]).strip():
+                # a blank first piece: pick again among tokens with visible text (the blank set is
+                # only computed when this happens)
+                x = shaping.apply(x, set(), self._blank_token_ids(_vocab_len(x)))
+                tok = sample_next_token(x, temperature, top_k, top_p, generator)
             if tok in eos_ids:
                 break
             generated.append(tok)
             all_ids.append(tok)
+            seen.add(tok)
+            if not visible and shaping.min_tokens:
+                visible = bool(self._decode(generated).strip())
             prefix_text = self._decode(all_ids[prefix_offset:read_offset])
             new_text = self._decode(all_ids[prefix_offset:])
             if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT_CHAR):
@@ -361,14 +455,39 @@ class LLMBackend(abc.ABC):
         top_p: float | None = None,
         stop: str | list[str] | None = None,
         seed: int | None = None,
+        *,
+        min_tokens: int | None = None,
+        repetition_penalty: float | None = None,
+        raw: bool = False,
     ) -> str:
         """Return ONLY the continuation of `prompt` (at most `max_tokens` tokens).
 
         temperature 0 / None: greedy. Otherwise sampling with optional top_k / top_p, reproducible
         when `seed` is given (a private generator; the global RNGs are untouched). Generation ends at
         EOS, after `max_tokens`, or just before the first `stop` string (never included).
+
+        min_tokens: EOS is suppressed until that many tokens are generated, and so are tokens that
+        decode to whitespace only while the reply has no visible text yet (so min_tokens=1 never
+        gives an empty or blank reply when max_tokens >= 1). repetition_penalty: as in Hugging Face
+        `generate` (CTRL): the logit of every token already in the prompt or the reply is divided by
+        it when positive, multiplied when negative; 1 is off. None takes the backend's defaults
+        (`default_min_tokens`, `default_repetition_penalty`). raw=True: the prompt is fed as is,
+        without the formatting a backend may apply (a chat template).
         """
-        return "".join(self.stream(prompt, max_tokens, temperature, top_k, top_p, stop, seed))
+        return "".join(
+            self.stream(
+                prompt,
+                max_tokens,
+                temperature,
+                top_k,
+                top_p,
+                stop,
+                seed,
+                min_tokens=min_tokens,
+                repetition_penalty=repetition_penalty,
+                raw=raw,
+            )
+        )
 
 
 __all__ = ["LLMBackend", "REPLACEMENT_CHAR", "sample_next_token"]
@@ -395,7 +514,55 @@ class TokenizerVocabBackend(LLMBackend):
         return self._special_id("bos_token_id")
 
     def _encode(self, text: str) -> list[int]:
-        ids = [int(i) for i in self.tokenizer.encode(text)]
+        return self._in_vocab([int(i) for i in self.tokenizer.encode(text)])
+
+    # ---- prompt format of a student distilled on replies ----------------------------------------
+    chat_template: str | None = None
+
+    def _setup_prompt_format(self, metadata: dict[str, Any]) -> None:
+        """Read metadata's `prompt_format` (written when the student distilled the teacher's replies): the
+        chat template its training prompts were written in, and generation defaults (min_tokens=1: never an
+        empty or blank reply). Without it, prompts are fed as they are and the defaults stay off."""
+        fmt = metadata.get("prompt_format") if isinstance(metadata, dict) else None
+        fmt = fmt if isinstance(fmt, dict) else {}
+        tmpl = fmt.get("chat_template")
+        usable = isinstance(tmpl, str) and tmpl.strip() and not self.is_stub
+        self.chat_template = tmpl if usable else None
+        defaults = fmt.get("generation_defaults")
+        defaults = defaults if isinstance(defaults, dict) else {}
+        try:
+            min_tokens = max(0, int(defaults.get("min_tokens", type(self).default_min_tokens)))
+            penalty = float(defaults.get("repetition_penalty", type(self).default_repetition_penalty))
+        except (TypeError, ValueError):
+            warnings.warn(f"ignoring malformed prompt_format.generation_defaults {defaults!r}", RuntimeWarning, 3)
+            return
+        self.default_min_tokens = min_tokens
+        self.default_repetition_penalty = penalty if penalty > 0 else 1.0
+
+    def format_prompt(self, prompt: str) -> str:
+        """`prompt` as the student saw prompts in training (the recorded chat template), else unchanged."""
+        if self.chat_template is None:
+            return prompt
+        try:
+            from ..responses import format_prompt
+
+            return format_prompt(self.tokenizer, prompt, self.chat_template)
+        except Exception as e:  # noqa: BLE001 - a tokenizer without templating: feed the prompt as is
+            warnings.warn(f"cannot apply the recorded chat template ({e}); using raw prompts", RuntimeWarning, 2)
+            self.chat_template = None
+            return prompt
+
+    def _prompt_ids(self, prompt: str, raw: bool) -> list[int]:
+        if raw or self.chat_template is None:
+            return super()._prompt_ids(prompt, raw)
+        text = self.format_prompt(prompt)
+        if self.chat_template is None:  # the template could not be applied
+            return super()._prompt_ids(prompt, raw)
+        # the template writes the special tokens itself, as in training
+        return self._in_vocab([int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)])
+
+    def _in_vocab(self, ids: list[int]) -> list[int]:
+        """Ids the model cannot take replaced by EOS (or 0)."""
         v = self.vocab_size
         if any(i >= v or i < 0 for i in ids):
             repl = self.eos_token_id if self.eos_token_id is not None else 0
@@ -404,3 +571,11 @@ class TokenizerVocabBackend(LLMBackend):
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _decode_each(self, ids: Sequence[int]) -> list[str]:
+        batch = getattr(self.tokenizer, "batch_decode", None)
+        if not callable(batch):
+            return super()._decode_each(ids)
+        n = len(self.tokenizer)  # ids past the tokenizer (a padded logit row) decode to nothing
+        known = iter(batch([[i] for i in ids if 0 <= i < n], skip_special_tokens=True))
+        return [next(known) if 0 <= i < n else "" for i in ids]

@@ -53,35 +53,63 @@ def _context_length(config: Any) -> int | None:
     return None
 
 
+def placed_by_loader(model: Any) -> bool:
+    """True for a model whose loader placed its weights: a `device_map` (possibly over several GPUs) or
+    quantized weights (bitsandbytes). Moving it with `.to()` would collapse the map onto one device or
+    fail on older bitsandbytes versions."""
+    return bool(getattr(model, "hf_device_map", None)) or bool(getattr(model, "is_quantized", False))
+
+
+def _input_device(model: Any) -> Any:
+    """Where input ids go: the input embedding's device (the first device of a device_map)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return weight.device if weight is not None else getattr(model, "device", None)
+
+
 class HFBackend(LLMBackend):
     """Wraps an already-loaded Transformers causal LM and its tokenizer.
 
     `HFBackend(model, tokenizer, device=None, max_context=None)`; or
-    `HFBackend.from_pretrained(name_or_path, device=None)` to load both (offline-safe: with
-    `HF_HUB_OFFLINE=1` only the local cache is used).
+    `HFBackend.from_pretrained(name_or_path, device=None, dtype="auto")` to load both (offline-safe:
+    with `HF_HUB_OFFLINE=1` only the local cache is used).
+    A model placed by its loader (`hf_device_map` or quantized weights) is never moved: `device` is
+    then ignored and inputs go to its input embedding's device.
     """
 
     def __init__(self, model: Any, tokenizer: Any, device: str | None = None, max_context: int | None = None):
         super().__init__()
         import torch
 
-        # No device given: keep the model where it already is.
-        self.device = torch.device(device or getattr(model, "device", None) or "cpu")
-        self.hf_model = model.to(self.device).eval()
+        if placed_by_loader(model):
+            self.device = torch.device(_input_device(model) or "cpu")
+            self.hf_model = model.eval()
+        else:  # no device given: keep the model where it already is
+            self.device = torch.device(device or getattr(model, "device", None) or "cpu")
+            self.hf_model = model.to(self.device).eval()
         self.model = CausalLMLogits(self.hf_model)
         self.tokenizer = tokenizer
         self.max_context = max_context or _context_length(getattr(model, "config", None))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, device: str | None = None, **model_kwargs: Any) -> HFBackend:
+    def from_pretrained(
+        cls, name_or_path: str, device: str | None = None, dtype: str = "auto", **model_kwargs: Any
+    ) -> HFBackend:
+        """dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16"; the weights
+        are loaded in it (no fp32 copy first). Extra keyword arguments go to `from_pretrained`."""
+        import torch
         from transformers import AutoModelForCausalLM
 
+        from ..teacher import resolve_dtype
         from ..tokenizer import hub_kwargs, load_hf_tokenizer
 
+        device = _default_device(device)
         kw = {**hub_kwargs(), **model_kwargs}
+        if "dtype" not in kw and "torch_dtype" not in kw:
+            kw["dtype"] = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, torch.device(device))
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
         tokenizer = load_hf_tokenizer(name_or_path)
-        return cls(model, tokenizer, device=_default_device(device))
+        return cls(model, tokenizer, device=device)
 
     # ---- hooks ------------------------------------------------------------------------------
     @property
@@ -117,4 +145,4 @@ class HFBackend(LLMBackend):
         return self._forward([token_id], state)
 
 
-__all__ = ["CausalLMLogits", "HFBackend"]
+__all__ = ["CausalLMLogits", "HFBackend", "placed_by_loader"]

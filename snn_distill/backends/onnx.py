@@ -24,16 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import ArtifactError, read_metadata  # torch-free on import
 from ..tokenizer import TokenizerError, resolve_tokenizer
-from .base import TokenizerVocabBackend
-
-try:
-    from ..artifacts import ArtifactError
-except ImportError:  # pragma: no cover - artifacts.py only imports torch lazily
-
-    class ArtifactError(RuntimeError):  # type: ignore[no-redef]
-        """Artifacts that are missing, broken or inconsistent; the message names the problem."""
-
+from .base import TokenizerVocabBackend, torch_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +47,6 @@ def decode_sibling(path: str | Path) -> Path:
             mid = ".decode.int8" if ext.startswith(".int8") else ".decode"
             return p.with_name(base + mid + ext.replace(".int8", ""))
     return p.with_name(p.name + ".decode")
-
-
-def _torch_or_none() -> Any:
-    try:
-        import torch
-    except Exception:
-        return None
-    return torch
 
 
 def _session(path: Path, providers: Sequence[str] | None, num_threads: int | None):
@@ -100,7 +85,7 @@ class ONNXLogits:
         if ids.ndim == 1:
             ids = ids[None, :]
         out = self.run(ids)
-        torch = _torch_or_none()
+        torch = torch_or_none()
         return torch.from_numpy(out) if torch is not None else out
 
 
@@ -163,6 +148,7 @@ class ONNXSNNBackend(TokenizerVocabBackend):
         except TokenizerError as e:
             raise ArtifactError(f"tokenizer: {e}") from e
         self._setup_vocab()
+        self._setup_prompt_format(self.metadata)
 
     # ---- loading ----------------------------------------------------------------------------
     def _load_metadata(self) -> dict[str, Any]:
@@ -170,10 +156,8 @@ class ONNXSNNBackend(TokenizerVocabBackend):
         if not path.is_file():
             return {}
         try:
-            from ..artifacts import read_metadata
-
             return read_metadata(path)
-        except Exception as e:
+        except ArtifactError as e:
             logger.warning("ONNXSNNBackend: ignoring %s (%s)", path, e)
             return {}
 
@@ -217,7 +201,7 @@ class ONNXSNNBackend(TokenizerVocabBackend):
         x = np.array(logits[0, -1], dtype=np.float32)
         if self._mask_from is not None:
             x[self._mask_from:] = -np.inf
-        torch = _torch_or_none()
+        torch = torch_or_none()
         return torch.from_numpy(x) if torch is not None else x
 
     def _empty_past(self, batch: int = 1) -> list[Any]:
@@ -226,7 +210,9 @@ class ONNXSNNBackend(TokenizerVocabBackend):
         past = []
         for inp in self._decode_inputs[1:]:
             _, hkv, _, hd = inp.shape
-            past.append(np.zeros((self.timesteps * batch, int(hkv), 0, int(hd)), dtype=np.float32))
+            # a spiking student's cache is uint8 spikes; an ANN twin's is float32
+            dtype = np.uint8 if inp.type == "tensor(uint8)" else np.float32
+            past.append(np.zeros((self.timesteps * batch, int(hkv), 0, int(hd)), dtype=dtype))
         return past
 
     def _step(self, ids: list[int], past: list[Any]) -> tuple[list[Any], Any]:

@@ -7,8 +7,11 @@ Loading, as in the guide's "Consuming artifacts with SNNLLMBackend":
   malformed -> warning and empty defaults (`self.metadata == {}`).
 * tokenizer: `resolve_tokenizer(tokenizer_name, <folder of student.pt>, config["tokenizer_name"])`
   (override, artifact folder, metadata hint, vendored GPT-2, whitespace stub).
-* model: TorchScript via `torch.jit.load` first, then a state dict loaded with `weights_only=True`
-  (a crafted pickle cannot run code) into a `SpikingStudentLM` rebuilt from the metadata.
+* model: with `allow_torchscript=True`, TorchScript via `torch.jit.load` first; then a state dict
+  loaded with `weights_only=True` (a crafted pickle cannot run code) into a `SpikingStudentLM` rebuilt
+  from the metadata. A TorchScript archive is a program: loading one runs the code it carries, so it is
+  refused unless the caller trusts the file and opts in with `allow_torchscript=True` (refused like
+  any unloadable file: a stub, or `ArtifactError` with `strict=True`). Training writes state dicts.
 * anything missing or unloadable -> a deterministic STUB model (loud warning, `is_stub == True`) so
   demos keep running; `strict=True` raises `ArtifactError` (a `FileNotFoundError` too when a file
   is missing) instead of taking any fallback, tokenizer fallbacks included.
@@ -26,16 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import ArtifactError, read_metadata  # torch-free on import
 from ..tokenizer import TokenizerError, resolve_tokenizer
-from .base import TokenizerVocabBackend
-
-try:  # artifacts.py only imports torch inside its functions; stay importable if that ever changes
-    from ..artifacts import ArtifactError
-except ImportError:  # pragma: no cover - torch-less install with a torch-importing artifacts.py
-
-    class ArtifactError(RuntimeError):  # type: ignore[no-redef]
-        """Artifacts that are missing, broken or inconsistent; the message names the problem."""
-
+from .base import TokenizerVocabBackend, torch_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +54,6 @@ def _warn(msg: str, loud: bool = False) -> None:
 def _section(meta: dict[str, Any], name: str) -> dict[str, Any]:
     v = meta.get(name)
     return dict(v) if isinstance(v, dict) else {}
-
-
-def _torch_or_none() -> Any:
-    try:
-        import torch
-    except Exception:
-        return None
-    return torch
 
 
 class StubSNNModel:
@@ -93,7 +81,7 @@ class StubSNNModel:
 
     def step_logits(self, state: int) -> Any:
         target = self.cycle[state % len(self.cycle)]
-        torch = _torch_or_none()
+        torch = torch_or_none()
         if torch is not None:
             x = torch.full((self.vocab_size,), float("-inf"))
             x[target] = 0.0
@@ -103,7 +91,7 @@ class StubSNNModel:
         return x
 
     def __call__(self, input_ids: Any) -> Any:
-        torch = _torch_or_none()
+        torch = torch_or_none()
         rows = input_ids.tolist() if hasattr(input_ids, "tolist") else [list(r) for r in input_ids]
         if rows and not isinstance(rows[0], list):
             rows = [rows]
@@ -144,7 +132,9 @@ class SNNLLMBackend(TokenizerVocabBackend):
 
     Attributes: `model` (callable `input_ids [B, S] -> logits [B, S, V]`), `tokenizer`,
     `tokenizer_source`, `metadata`, `config`, `snn_config`, `architecture`, `model_kind`
-    (`"torchscript"`, `"state_dict"` or `"stub"`), `is_stub`, `stub_reason`, `max_context`.
+    (`"torchscript"`, `"state_dict"` or `"stub"`), `is_stub`, `stub_reason`, `max_context`, and for a
+    student distilled on the teacher's replies `chat_template` (`generate(prompt)` formats plain prompts
+    with it, `raw=True` skips it) with `default_min_tokens` = 1 (never an empty or blank reply).
     """
 
     def __init__(
@@ -154,12 +144,14 @@ class SNNLLMBackend(TokenizerVocabBackend):
         tokenizer_name: str | None = None,
         device: str | None = None,
         strict: bool = False,
+        allow_torchscript: bool = False,
     ) -> None:
         super().__init__()
         self.model_path = Path(model_path)
         default_meta = self.model_path.parent / "metadata.json"
         self.metadata_path = Path(metadata_path) if metadata_path else default_meta
         self.strict = bool(strict)
+        self.allow_torchscript = bool(allow_torchscript)  # TorchScript runs code: opt in for trusted files
         self.stub_reason: str | None = None
 
         self.metadata = self._load_metadata()
@@ -187,6 +179,7 @@ class SNNLLMBackend(TokenizerVocabBackend):
         self.use_cache = self._step_api
         self.is_stub = self.model_kind == "stub"
         self._setup_vocab()
+        self._setup_prompt_format(self.metadata)
 
     # ---- loading ----------------------------------------------------------------------------
     def _fail(self, msg: str, exc: BaseException | None = None, missing: bool = False) -> None:
@@ -203,7 +196,7 @@ class SNNLLMBackend(TokenizerVocabBackend):
             _warn(msg + "; continuing with empty metadata (no config, snn_config or tokenizer hint)")
             return {}
         try:
-            return _read_metadata(path)
+            return read_metadata(path)
         except ArtifactError as e:
             self._fail(f"SNNLLMBackend: {e}", e)
             _warn(f"SNNLLMBackend: {e}; continuing with empty metadata")
@@ -221,17 +214,22 @@ class SNNLLMBackend(TokenizerVocabBackend):
     def _pick_device(self, device: str | None) -> str:
         if device:
             return str(device)
-        torch = _torch_or_none()
+        torch = torch_or_none()
         return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
 
     def _load_model(self) -> tuple[Any, str]:
         path = self.model_path
         if not path.is_file():
             return self._stub(f"{path} not found (train a student or pass model_path=...)", missing=True)
-        torch = _torch_or_none()
+        torch = torch_or_none()
         if torch is None:
             return self._stub("PyTorch is not installed")
         if _is_torchscript(path):
+            if not self.allow_torchscript:
+                return self._stub(
+                    f"{path} is a TorchScript archive, which runs the code it carries when loaded; pass "
+                    "allow_torchscript=True if you trust the file, or load a state dict written by training"
+                )
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch.jit.load is deprecated in recent torch
@@ -321,8 +319,23 @@ class SNNLLMBackend(TokenizerVocabBackend):
         with torch.inference_mode():
             if self.use_cache:
                 logits, past = self.model.forward_step(x, None)
-                return past, self._logits_row(logits)
+                return self._pack(past), self._logits_row(logits)
             return list(prompt_ids), self._logits_row(self.model(x))
+
+    def _packs_cache(self) -> bool:
+        """A spiking SpikingStudentLM's decode cache is 0/1: kept bit-packed between steps."""
+        cfg = getattr(self.model, "config", None)
+        return bool(getattr(cfg, "spiking", False)) and hasattr(cfg, "head_dim")
+
+    def _pack(self, past: Any) -> Any:
+        from ..student import pack_kv_cache
+
+        return pack_kv_cache(past) if self._packs_cache() else past
+
+    def _unpack(self, state: Any) -> Any:
+        from ..student import unpack_kv_cache
+
+        return unpack_kv_cache(state, self.model.config.head_dim) if self._packs_cache() else state
 
     def _advance(self, state: Any, token_id: int) -> tuple[Any, Any]:
         if self.is_stub:
@@ -333,8 +346,8 @@ class SNNLLMBackend(TokenizerVocabBackend):
         with torch.inference_mode():
             if self.use_cache:
                 x = torch.tensor([[token_id]], dtype=torch.long, device=self.device)
-                logits, past = self.model.forward_step(x, state)
-                return past, self._logits_row(logits)
+                logits, past = self.model.forward_step(x, self._unpack(state))
+                return self._pack(past), self._logits_row(logits)
             ids = state + [token_id]  # TorchScript without forward_step: recompute the window
             x = torch.tensor([ids], dtype=torch.long, device=self.device)
             return ids, self._logits_row(self.model(x))
@@ -344,24 +357,6 @@ class SNNLLMBackend(TokenizerVocabBackend):
             f"SNNLLMBackend(model_path={str(self.model_path)!r}, model={self.model_kind}, "
             f"tokenizer={self.tokenizer_source}, stub={self.is_stub})"
         )
-
-
-def _read_metadata(path: Path) -> dict[str, Any]:
-    try:
-        from ..artifacts import read_metadata
-    except ImportError:  # pragma: no cover - only if artifacts.py starts importing torch eagerly
-        read_metadata = None
-    if read_metadata is not None:
-        return read_metadata(path)
-    import json
-
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"metadata file {path} is not valid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"metadata file {path} holds a {type(meta).__name__}, not a JSON object")
-    return meta
 
 
 def _is_torchscript(path: Path) -> bool:

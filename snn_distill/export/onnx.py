@@ -172,6 +172,14 @@ def _session_cache() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 
 
+def cache_dtype(model):
+    """dtype of the decode graph's key/value caches: uint8 spikes for a spiking student (exactly
+    0/1: keys are cached before RoPE), float32 for the ANN twin."""
+    import torch
+
+    return torch.uint8 if model.config.spiking else torch.float32
+
+
 def _torch_module_types():
     from torch import nn
 
@@ -179,18 +187,20 @@ def _torch_module_types():
         """`model.forward_step` with the cache flattened into plain tensors for export.
 
         forward(input_ids [B, S_new], past_key_0, past_value_0, ..., past_key_{L-1}, past_value_{L-1})
-        -> (logits [B, S_new, V], present_key_0, present_value_0, ...), caches [T*B, Hkv, S, hd].
+        -> (logits [B, S_new, V], present_key_0, present_value_0, ...), caches [T*B, Hkv, S, hd] of
+        `cache_dtype(model)` (keys before RoPE).
         """
 
         def __init__(self, model: nn.Module) -> None:
             super().__init__()
             self.model = model
             self.depth = len(model.blocks)
+            self.cache_dtype = cache_dtype(model)
 
         def forward(self, input_ids, *past):
-            pairs = tuple((past[2 * i], past[2 * i + 1]) for i in range(self.depth))
+            pairs = tuple((past[2 * i].float(), past[2 * i + 1].float()) for i in range(self.depth))
             logits, present = self.model.forward_step(input_ids, pairs)
-            return (logits, *[t for kv in present for t in kv])
+            return (logits, *[t.to(self.cache_dtype) for kv in present for t in kv])
 
     return DecodeStep
 
@@ -203,12 +213,19 @@ def decode_io_names(depth: int) -> tuple[list[str], list[str]]:
 
 
 def empty_past(model, batch: int = 1, past_len: int = 0) -> list:
-    """Zero caches [T*batch, Hkv, past_len, hd] (float32 torch tensors), two per layer."""
+    """Zero caches [T*batch, Hkv, past_len, hd] of `cache_dtype(model)` (torch tensors), two per layer."""
     import torch
 
     cfg = model.config
     shape = (model.timesteps * batch, cfg.num_kv_heads, past_len, cfg.head_dim)
-    return [torch.zeros(shape) for _ in range(2 * cfg.depth)]
+    return [torch.zeros(shape, dtype=cache_dtype(model)) for _ in range(2 * cfg.depth)]
+
+
+def cache_bytes_per_token(model) -> int:
+    """Bytes the decode graph's caches hold per token of context (all layers, keys and values)."""
+    cfg = model.config
+    item = 1 if model.config.spiking else 4
+    return 2 * cfg.depth * model.timesteps * cfg.num_kv_heads * cfg.head_dim * item
 
 
 def _torch_export(module, args: tuple, path: Path, opset: int, input_names, output_names, dynamic_axes) -> None:
@@ -320,30 +337,6 @@ def _declared_opset(path: Path) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _lif_margin_hooks(model, store: list):
-    """Forward hooks that record, per [batch, position], the smallest |u - threshold| of any LIF neuron."""
-    import torch
-
-    from ..neurons import LIF
-
-    def hook(mod, inp, _out):
-        x = inp[0]
-        t_steps = mod.num_timesteps
-        cur = x.reshape(t_steps, -1, *x.shape[1:])
-        u = torch.zeros_like(cur[0])
-        s = torch.zeros_like(u)
-        best = None
-        for t in range(t_steps):  # the same ops as neurons._lif_loop_inference, so u is bit-identical
-            u = mod.decay * u + cur[t] - mod.threshold * s
-            d = u - mod.threshold
-            s = (d > 0).to(u.dtype)
-            m = d.abs().amin(-1)
-            best = m if best is None else torch.minimum(best, m)
-        store.append(best)
-
-    return [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LIF)]
-
-
 def _torch_reference(model, ids) -> tuple[Any, Any]:
     """PyTorch logits [B, S, V] (numpy) and the "fragile" mask [B, S]: positions at or after one whose
     spikes sat within float rounding of the threshold (a flip there legitimately changes everything
@@ -351,19 +344,22 @@ def _torch_reference(model, ids) -> tuple[Any, Any]:
     import numpy as np
     import torch
 
-    store: list = []
-    handles = _lif_margin_hooks(model, store)
+    lifs = model.lif_modules()
+    for m in lifs:
+        m.record_margin = True
     try:
         with torch.no_grad():
             logits = model(ids).float().numpy()
+        margins = [m.last_margin for m in lifs]
     finally:
-        for h in handles:
-            h.remove()
-    if not store:
+        for m in lifs:
+            m.record_margin, m.last_margin = False, None
+    if not margins:
         return logits, np.zeros(logits.shape[:2], dtype=bool)
     cfg = model.config
-    eps = FLIP_MARGIN * max(1.0, float(cfg.threshold)) * math.sqrt(max(1.0, cfg.dim / 128))
-    near = (torch.stack(store).amin(0) < eps).numpy()  # [B, S]
+    theta = max(float(torch.as_tensor(m.threshold_value()).detach().max()) for m in lifs)
+    eps = FLIP_MARGIN * max(1.0, theta) * math.sqrt(max(1.0, cfg.dim / 128))
+    near = (torch.stack(margins).amin(0) < eps).numpy()  # [B, S]
     return logits, np.maximum.accumulate(near, axis=1)
 
 
@@ -632,18 +628,51 @@ def export_onnx(
 
     Result keys: path, opset, size_mb, max_abs_diff (None when not verified), seconds; with int8:
     int8_path, int8_size_mb, int8_top1_agreement, int8_mean_kl, int8_sample; with decode_graph:
-    decode_path, decode_size_mb, decode_max_abs_diff (+ decode_int8_path, decode_int8_size_mb); with
-    ort: ort_path (+ int8_ort_path, decode_ort_path, decode_int8_ort_path).
+    decode_path, decode_size_mb, cache_bytes_per_token, decode_max_abs_diff (+ decode_int8_path,
+    decode_int8_size_mb); with ort: ort_path (+ int8_ort_path, decode_ort_path, decode_int8_ort_path).
     """
     t0 = time.perf_counter()
     opset = _check_opset(opset)
+    quantize = _check_quantize(quantize, tolerance)
+    model_path, metadata_path, out = _resolve_paths(model_path, metadata_path, output_path)
+    model, props = _load_for_export(model_path, metadata_path)
+    try:
+        # .NAME.PID.XXXX.tmp: after a SIGKILL the next save_artifacts there removes it (remove_leftovers)
+        tmp_ctx = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as e:
+        raise ExportError(f"cannot write into {out.parent} ({_first_line(e)}); pick a writable --output-path") from e
+    with tmp_ctx as tmpd, _session_cache():
+        st = _Staging(Path(tmpd), model, props, opset)
+        _export_full(st, out, verify, seq_lens, tolerance)
+        if decode_graph:
+            _export_decode(st, out, verify, seq_lens, tolerance)
+        if quantize == "int8":
+            _export_int8(st, out, model_path.parent, decode_graph)
+        if ort:
+            _export_ort(st)
+        st.commit()
+    result = st.result
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    _record(metadata_path, result)
+    if result.get("max_abs_diff") is not None:
+        log.info("max abs difference ONNX Runtime vs PyTorch: %.3g (tolerance %g)", result["max_abs_diff"], tolerance)
+    return result
+
+
+def _check_quantize(quantize: str | None, tolerance: float) -> str | None:
     if quantize in ("none", ""):
         quantize = None
     if quantize not in (None, "int8"):
         raise ExportError(f"quantize={quantize!r} is not supported; use 'int8' or leave it out")
     if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
         raise ExportError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    return quantize
 
+
+def _resolve_paths(
+    model_path: str | Path, metadata_path: str | Path | None, output_path: str | Path | None
+) -> tuple[Path, Path, Path]:
+    """Check the inputs exist and the output can be written: (student.pt, metadata.json, output .onnx)."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise ExportError(
@@ -663,148 +692,152 @@ def export_onnx(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"cannot create output folder {out.parent} ({_first_line(e)}); pick a writable path") from e
+    return model_path, metadata_path, out
 
+
+def _load_for_export(model_path: Path, metadata_path: Path) -> tuple[Any, dict[str, Any]]:
+    """The student in float32 eval mode on CPU, and the properties every graph carries."""
     try:
         model, meta = load_student(model_path, metadata_path, map_location="cpu")
     except ArtifactError as e:
         raise ExportError(_first_line(e)) from e
     model = model.float().cpu().eval()
     cfg = model.config
-    depth = cfg.depth
-
-    import torch
-
     props = {
         "snn_distill.model_type": meta.get("model_type", "SpikingStudentLM"),
         "snn_distill.architecture_version": meta.get("architecture_version"),
         "snn_distill.student_type": cfg.student_type,
+        "snn_distill.snn_mode": cfg.mode,
         "snn_distill.vocab_size": cfg.vocab_size,
         "snn_distill.timesteps": model.timesteps,
-        "snn_distill.num_layers": depth,
+        "snn_distill.num_layers": cfg.depth,
         "snn_distill.num_kv_heads": cfg.num_kv_heads,
         "snn_distill.head_dim": cfg.head_dim,
         "snn_distill.max_seq_len": cfg.max_seq_len,
         "snn_distill.tokenizer_name": (meta.get("config") or {}).get("tokenizer_name"),
     }
-    result: dict[str, Any] = {}
-    written: list[tuple[str, Path]] = []  # (result key, final path), in commit order
+    return model, props
 
-    try:
-        # .NAME.PID.XXXX.tmp: after a SIGKILL the next save_artifacts there removes it (remove_leftovers)
-        tmp_ctx = tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp")
-    except OSError as e:
-        raise ExportError(f"cannot write into {out.parent} ({_first_line(e)}); pick a writable --output-path") from e
-    with tmp_ctx as tmpd, _session_cache():
-        stage = Path(tmpd)
-        work = stage / "work"
-        work.mkdir()
 
-        def staged(final: Path) -> Path:
-            return stage / final.name
+class _Staging:
+    """Graphs built and checked in a temporary folder, renamed into place only when all succeeded."""
 
-        # ---- full graph ----
-        raw = work / "full.raw.onnx"
-        gen = torch.Generator().manual_seed(0)
-        example = torch.randint(0, cfg.vocab_size, (1, min(7, cfg.max_seq_len)), generator=gen)
-        with _stage("torch.onnx.export", f"check that the model runs in PyTorch, or try --opset {DEFAULT_OPSET}"):
-            _torch_export(
-                model, (example,), raw, opset, ["input_ids"], ["logits"],
-                {"input_ids": {0: "batch", 1: "seq_len"}, "logits": {0: "batch", 1: "seq_len"}},
-            )
-        _finish_graph(raw, staged(out), props, "full", "SpikingStudentLM: input_ids [batch, seq_len] -> logits "
-                      "[batch, seq_len, vocab]")
-        written.append(("path", out))
-        declared = _declared_opset(staged(out))
-        if declared != opset:
-            raise ExportError(f"the exporter wrote opset {declared} instead of {opset}; use --opset {DEFAULT_OPSET}")
-        result.update(path=str(out), opset=declared, size_mb=_size_mb(staged(out)))
-        if verify:
-            summary = verify_full_graph(model, staged(out), seq_lens, tolerance)
-            result["max_abs_diff"] = summary["max_abs_diff"]
-            result["verification"] = summary
-        else:
-            result["max_abs_diff"] = None
+    def __init__(self, root: Path, model: Any, props: dict[str, Any], opset: int) -> None:
+        self.root, self.model, self.props, self.opset = root, model, props, opset
+        self.work = root / "work"
+        self.work.mkdir()
+        self.result: dict[str, Any] = {}
+        self.written: list[tuple[str, Path]] = []  # (result key, final path), in commit order
 
-        # ---- decode graph ----
-        dec = sibling_path(out, "decode")
-        raw_dec = work / "decode.raw.onnx"
-        if decode_graph:
-            step_cls = _torch_module_types()
-            ins, outs = decode_io_names(depth)
-            axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "new_len"},
-                                               "logits": {0: "batch", 1: "new_len"}}
-            for name in ins[1:]:
-                axes[name] = {0: "timesteps_x_batch", 2: "past_len"}
-            for name in outs[1:]:
-                axes[name] = {0: "timesteps_x_batch", 2: "total_len"}
-            # Traced with 2 new tokens and a non-empty cache: the masked attention path, valid for any
-            # new_len >= 1 and past_len >= 0.
-            ex_ids = torch.randint(0, cfg.vocab_size, (1, 2), generator=torch.Generator().manual_seed(1))
-            ex_past = empty_past(model, 1, 3)
-            fix = f"try --opset {DEFAULT_OPSET} or export without --decode-graph"
-            with _stage("torch.onnx.export (decode graph)", fix):
-                _torch_export(step_cls(model), (ex_ids, *ex_past), raw_dec, opset, ins, outs, axes)
-            _finish_graph(raw_dec, staged(dec), props, "decode",
-                          "SpikingStudentLM decode step: input_ids [batch, new_len] + past_key/value_<i> "
-                          "[timesteps*batch, kv_heads, past_len, head_dim] -> logits + present_key/value_<i>")
-            written.append(("decode_path", dec))
-            result.update(decode_path=str(dec), decode_size_mb=_size_mb(staged(dec)))
-            if verify:
-                summary = verify_decode_graph(model, staged(dec), max(seq_lens) if seq_lens else 8, tolerance)
-                result["decode_max_abs_diff"] = summary["max_abs_diff"]
+    def path(self, final: Path) -> Path:
+        return self.root / final.name
 
-        # ---- int8 ----
-        if quantize == "int8":
-            q = sibling_path(out, "int8")
-            with _stage("int8 quantization", "export without --quantize int8 or report this"):
-                quantize_int8(raw, staged(q), work)
-                _relabel(staged(q), props, "int8")
-            _check(staged(q))
-            written.append(("int8_path", q))
-            ids, source = _sample_ids(model_path.parent, cfg.vocab_size, cfg.max_seq_len)
-            with _stage("running the int8 model in ONNX Runtime", "export without --quantize int8 or report this"):
-                agree = int8_agreement(staged(out), staged(q), ids)
-            result.update(int8_path=str(q), int8_size_mb=_size_mb(staged(q)),
-                          int8_top1_agreement=agree["top1_agreement"], int8_mean_kl=agree["mean_kl"],
-                          int8_sample=f"{ids.shape[0]}x{ids.shape[1]} {source}")
-            log.info("int8: %.2f MB -> %.2f MB, top-1 agreement %.3f, mean KL(fp32||int8) %.4g on %s",
-                     result["size_mb"], result["int8_size_mb"], agree["top1_agreement"], agree["mean_kl"],
-                     result["int8_sample"])
-            if decode_graph:
-                qd = sibling_path(out, "decode.int8")
-                with _stage("int8 quantization (decode graph)", "export without --quantize int8 or report this"):
-                    quantize_int8(raw_dec, staged(qd), work)
-                    _relabel(staged(qd), props, "decode.int8")
-                _check(staged(qd))
-                with _stage("running the int8 decode graph", "export without --quantize int8 or report this"):
-                    _smoke_decode(staged(qd), model)
-                written.append(("decode_int8_path", qd))
-                result.update(decode_int8_path=str(qd), decode_int8_size_mb=_size_mb(staged(qd)))
-
-        # ---- .ort ----
-        if ort:
-            for key, final in list(written):
-                target = ort_path(final)
-                with _stage(f"converting {final.name} to .ort", "export without --ort or report this"):
-                    to_ort_format(staged(final), staged(target))
-                    _check_ort(staged(target), staged(final), model, key)
-                ort_key = key.replace("path", "ort_path")
-                written.append((ort_key, target))
-                result[ort_key] = str(target)
-
-        # ---- commit: every file was built and checked; rename into place ----
-        for _, final in written:
-            src = staged(final)
+    def commit(self) -> None:
+        for _, final in self.written:
+            src = self.path(final)
             data = src.with_name(src.name + ".data")
             if data.exists():
                 os.replace(data, final.with_name(final.name + ".data"))
             os.replace(src, final)
 
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    _record(metadata_path, result)
-    if result.get("max_abs_diff") is not None:
-        log.info("max abs difference ONNX Runtime vs PyTorch: %.3g (tolerance %g)", result["max_abs_diff"], tolerance)
-    return result
+
+def _export_full(st: _Staging, out: Path, verify: bool, seq_lens: Sequence[int], tolerance: float) -> None:
+    """student.onnx: input_ids [batch, seq_len] -> logits, exported, checked and verified."""
+    import torch
+
+    cfg = st.model.config
+    raw = st.work / "full.raw.onnx"
+    example = torch.randint(0, cfg.vocab_size, (1, min(7, cfg.max_seq_len)), generator=torch.Generator().manual_seed(0))
+    with _stage("torch.onnx.export", f"check that the model runs in PyTorch, or try --opset {DEFAULT_OPSET}"):
+        _torch_export(
+            st.model, (example,), raw, st.opset, ["input_ids"], ["logits"],
+            {"input_ids": {0: "batch", 1: "seq_len"}, "logits": {0: "batch", 1: "seq_len"}},
+        )  # fmt: skip
+    doc = "SpikingStudentLM: input_ids [batch, seq_len] -> logits [batch, seq_len, vocab]"
+    _finish_graph(raw, st.path(out), st.props, "full", doc)
+    st.written.append(("path", out))
+    declared = _declared_opset(st.path(out))
+    if declared != st.opset:
+        raise ExportError(f"the exporter wrote opset {declared} instead of {st.opset}; use --opset {DEFAULT_OPSET}")
+    st.result.update(path=str(out), opset=declared, size_mb=_size_mb(st.path(out)), max_abs_diff=None)
+    if verify:
+        summary = verify_full_graph(st.model, st.path(out), seq_lens, tolerance)
+        st.result.update(max_abs_diff=summary["max_abs_diff"], verification=summary)
+
+
+def _export_decode(st: _Staging, out: Path, verify: bool, seq_lens: Sequence[int], tolerance: float) -> None:
+    """student.decode.onnx: one decode step with flattened uint8 (spiking) or float32 caches."""
+    import torch
+
+    model = st.model
+    ins, outs = decode_io_names(model.config.depth)
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "new_len"}, "logits": {0: "batch", 1: "new_len"}}
+    axes.update({name: {0: "timesteps_x_batch", 2: "past_len"} for name in ins[1:]})
+    axes.update({name: {0: "timesteps_x_batch", 2: "total_len"} for name in outs[1:]})
+    # Traced with 2 new tokens and a non-empty cache: the masked attention path, valid for any
+    # new_len >= 1 and past_len >= 0.
+    ex_ids = torch.randint(0, model.config.vocab_size, (1, 2), generator=torch.Generator().manual_seed(1))
+    dec, raw_dec = sibling_path(out, "decode"), st.work / "decode.raw.onnx"
+    with _stage("torch.onnx.export (decode graph)", f"try --opset {DEFAULT_OPSET} or export without --decode-graph"):
+        step = _torch_module_types()(model)
+        _torch_export(step, (ex_ids, *empty_past(model, 1, 3)), raw_dec, st.opset, ins, outs, axes)
+    kind = "uint8 spikes" if model.config.spiking else "float32"
+    doc = (
+        "SpikingStudentLM decode step: input_ids [batch, new_len] + past_key/value_<i> "
+        f"[timesteps*batch, kv_heads, past_len, head_dim] ({kind}, keys before RoPE) -> logits + present_key/value_<i>"
+    )
+    _finish_graph(raw_dec, st.path(dec), st.props, "decode", doc)
+    st.written.append(("decode_path", dec))
+    st.result.update(
+        decode_path=str(dec), decode_size_mb=_size_mb(st.path(dec)), cache_bytes_per_token=cache_bytes_per_token(model)
+    )
+    if verify:
+        summary = verify_decode_graph(model, st.path(dec), max(seq_lens) if seq_lens else 8, tolerance)
+        st.result["decode_max_abs_diff"] = summary["max_abs_diff"]
+
+
+def _export_int8(st: _Staging, out: Path, model_dir: Path, decode_graph: bool) -> None:
+    """student.int8.onnx (+ the int8 decode graph), judged by top-1 agreement with fp32 on real text."""
+    cfg, res = st.model.config, st.result
+    q = sibling_path(out, "int8")
+    with _stage("int8 quantization", "export without --quantize int8 or report this"):
+        quantize_int8(st.work / "full.raw.onnx", st.path(q), st.work)
+        _relabel(st.path(q), st.props, "int8")
+    _check(st.path(q))
+    st.written.append(("int8_path", q))
+    ids, source = _sample_ids(model_dir, cfg.vocab_size, cfg.max_seq_len)
+    with _stage("running the int8 model in ONNX Runtime", "export without --quantize int8 or report this"):
+        agree = int8_agreement(st.path(out), st.path(q), ids)
+    res.update(
+        int8_path=str(q), int8_size_mb=_size_mb(st.path(q)), int8_top1_agreement=agree["top1_agreement"],
+        int8_mean_kl=agree["mean_kl"], int8_sample=f"{ids.shape[0]}x{ids.shape[1]} {source}",
+    )  # fmt: skip
+    log.info(
+        "int8: %.2f MB -> %.2f MB, top-1 agreement %.3f, mean KL(fp32||int8) %.4g on %s",
+        res["size_mb"], res["int8_size_mb"], agree["top1_agreement"], agree["mean_kl"], res["int8_sample"],
+    )  # fmt: skip
+    if decode_graph:
+        qd = sibling_path(out, "decode.int8")
+        with _stage("int8 quantization (decode graph)", "export without --quantize int8 or report this"):
+            quantize_int8(st.work / "decode.raw.onnx", st.path(qd), st.work)
+            _relabel(st.path(qd), st.props, "decode.int8")
+        _check(st.path(qd))
+        with _stage("running the int8 decode graph", "export without --quantize int8 or report this"):
+            _smoke_decode(st.path(qd), st.model)
+        st.written.append(("decode_int8_path", qd))
+        res.update(decode_int8_path=str(qd), decode_int8_size_mb=_size_mb(st.path(qd)))
+
+
+def _export_ort(st: _Staging) -> None:
+    """A .ort file beside every .onnx written, checked against it."""
+    for key, final in list(st.written):
+        target = ort_path(final)
+        with _stage(f"converting {final.name} to .ort", "export without --ort or report this"):
+            to_ort_format(st.path(final), st.path(target))
+            _check_ort(st.path(target), st.path(final), st.model, key)
+        ort_key = key.replace("path", "ort_path")
+        st.written.append((ort_key, target))
+        st.result[ort_key] = str(target)
 
 
 def _finish_graph(raw: Path, dst: Path, props: dict[str, Any], kind: str, doc: str) -> None:
@@ -884,6 +917,8 @@ def _record(metadata_path: Path, result: dict[str, Any]) -> None:
 __all__ = [
     "DEFAULT_OPSET",
     "ExportError",
+    "cache_bytes_per_token",
+    "cache_dtype",
     "decode_io_names",
     "empty_past",
     "export_onnx",
