@@ -101,8 +101,17 @@ def main() -> int:
             f"teacher {ev['teacher_perplexity']:.1f}"
         )
     eff = meta.get("efficiency")
-    if eff and "mean_spike_rate" in eff:
-        print(f"spikes         : mean rate {eff['mean_spike_rate']:.3f}")
+    if eff and eff.get("mean_spike_rate") is not None:
+        print(f"spikes         : mean rate {eff['mean_spike_rate']:.3f}, dead neurons {eff['dead_fraction']:.1%}")
+    if eff and eff.get("energy_ratio_snn_to_ann") is not None:
+        mm = eff.get("matmuls", {})
+        on_spikes = sum(m["operand"] == "spikes" for m in mm.values())
+        whole, body = eff["energy_ratio_snn_to_ann"], eff["without_lm_head"]["energy_ratio_snn_to_ann"]
+        print(
+            f"energy         : {eff['snn_energy_nj_per_token']:.1f} nJ/token (estimate), {whole:.2f}x the ANN twin "
+            f"({body:.2f}x without the LM head); {on_spikes} of {len(mm)} weight matmuls read spikes "
+            f"({snn.get('mode', 'hybrid')} mode)"
+        )
     replies = ev.get("responses")
     if replies:
         from snn_distill.evaluate import responses_line

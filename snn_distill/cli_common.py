@@ -1,4 +1,5 @@
-"""What every command line shares: one-line user errors, the argument parser, logging setup.
+"""What every command line shares: one-line user errors, the argument parser, logging setup, and the
+stderr progress bar (training and the teacher-reply fill use it too).
 
 `cli.py` (train/export/generate and the `snn-distill` dispatcher) and `evaluate_cli.py` both import
 from here, so neither imports the other at module level. Torch-free on import.
@@ -41,6 +42,22 @@ def positive_int(s: str) -> int:
 def non_negative_int(s: str) -> int:
     """argparse type: an integer >= 0."""
     return _int_at_least(s, 0, ">= 0")
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool, initial: int = 0):
+    """A tqdm bar on stderr (stdout stays clean); `enabled=False` gives a silent one."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 def setup_logging(quiet: bool = False) -> None:

@@ -46,32 +46,62 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 # ----------------------------------------------------------------------------------------------
 
 _PLACES = [
-    "pharmacy", "coffee shop", "train station", "bus stop", "grocery store", "post office",
-    "public library", "hospital", "bank", "bakery", "hardware store", "gas station",
+    "pharmacy",
+    "coffee shop",
+    "train station",
+    "bus stop",
+    "grocery store",
+    "post office",
+    "public library",
+    "hospital",
+    "bank",
+    "bakery",
+    "hardware store",
+    "gas station",
 ]
 _STREETS = ["Main Street", "Oak Avenue", "Harbor Road", "Elm Street", "Station Square", "Maple Drive"]
 _DIRECTIONS = ["north", "south", "east", "west"]
 _NAMES = ["Maya", "Sam", "Priya", "Jonas", "Aisha", "Leo", "Grandma", "Dr. Patel", "my sister", "Carlos"]
 _MESSAGES = [
-    "I'm running ten minutes late", "I'll pick up dinner on the way home",
-    "the meeting moved to three o'clock", "I just landed and I'm waiting for my bag",
-    "I left my keys on the kitchen table", "we're out of milk",
-    "I'm outside the front entrance", "I'll call back after the movie",
+    "I'm running ten minutes late",
+    "I'll pick up dinner on the way home",
+    "the meeting moved to three o'clock",
+    "I just landed and I'm waiting for my bag",
+    "I left my keys on the kitchen table",
+    "we're out of milk",
+    "I'm outside the front entrance",
+    "I'll call back after the movie",
 ]
 _OBJECTS = ["car", "jacket", "front door", "building", "bicycle", "umbrella", "backpack", "bus"]
 _STATES = [
-    ("crosswalk signal", "green"), ("door", "open"), ("shop", "still open"), ("bench", "wet"),
-    ("elevator", "going up"), ("parking spot", "free"), ("escalator", "working"), ("table", "taken"),
+    ("crosswalk signal", "green"),
+    ("door", "open"),
+    ("shop", "still open"),
+    ("bench", "wet"),
+    ("elevator", "going up"),
+    ("parking spot", "free"),
+    ("escalator", "working"),
+    ("table", "taken"),
 ]
 _QUEUES = ["bus stop", "counter", "crosswalk", "entrance", "ticket machine", "checkout"]
 _LABEL_ITEMS = ["medicine bottle", "cereal box", "milk carton", "bottle of sunscreen", "jar of sauce"]
 _LABEL_ASKS = [
-    "the expiry date", "how much sugar it has", "whether it contains nuts", "the recommended dose",
+    "the expiry date",
+    "how much sugar it has",
+    "whether it contains nuts",
+    "the recommended dose",
 ]
 _TASKS = [
-    "take my medication", "water the plants", "call the dentist", "buy a birthday card",
-    "pick up the dry cleaning", "move the car", "charge my glasses", "send the invoice",
-    "book a table for Friday", "stretch my back",
+    "take my medication",
+    "water the plants",
+    "call the dentist",
+    "buy a birthday card",
+    "pick up the dry cleaning",
+    "move the car",
+    "charge my glasses",
+    "send the invoice",
+    "book a table for Friday",
+    "stretch my back",
 ]
 _WHENS = ["in twenty minutes", "at six tonight", "tomorrow morning", "after lunch", "on Saturday"]
 _ARRIVALS = ["home", "to work", "back to the car", "to the station"]
@@ -83,15 +113,24 @@ _CITIES = ["Boston", "Berlin", "Tokyo", "Lisbon", "Toronto", "Melbourne", "Madri
 _LANGS = ["Spanish", "French", "German", "Italian", "Portuguese", "Japanese"]
 # (English phrase, language, translation): real translations so answers stay truthful.
 _TRANSLATIONS = [
-    ("thank you", "Spanish", "gracias"), ("thank you", "French", "merci"),
-    ("thank you", "German", "danke"), ("thank you", "Italian", "grazie"),
-    ("thank you", "Portuguese", "obrigado"), ("thank you", "Japanese", "arigatou gozaimasu"),
-    ("good morning", "Spanish", "buenos días"), ("good morning", "French", "bonjour"),
-    ("good morning", "German", "guten Morgen"), ("good morning", "Italian", "buongiorno"),
-    ("good morning", "Portuguese", "bom dia"), ("good morning", "Japanese", "ohayou gozaimasu"),
-    ("excuse me", "Spanish", "disculpe"), ("excuse me", "French", "excusez-moi"),
-    ("excuse me", "German", "Entschuldigung"), ("excuse me", "Italian", "mi scusi"),
-    ("excuse me", "Portuguese", "com licença"), ("excuse me", "Japanese", "sumimasen"),
+    ("thank you", "Spanish", "gracias"),
+    ("thank you", "French", "merci"),
+    ("thank you", "German", "danke"),
+    ("thank you", "Italian", "grazie"),
+    ("thank you", "Portuguese", "obrigado"),
+    ("thank you", "Japanese", "arigatou gozaimasu"),
+    ("good morning", "Spanish", "buenos días"),
+    ("good morning", "French", "bonjour"),
+    ("good morning", "German", "guten Morgen"),
+    ("good morning", "Italian", "buongiorno"),
+    ("good morning", "Portuguese", "bom dia"),
+    ("good morning", "Japanese", "ohayou gozaimasu"),
+    ("excuse me", "Spanish", "disculpe"),
+    ("excuse me", "French", "excusez-moi"),
+    ("excuse me", "German", "Entschuldigung"),
+    ("excuse me", "Italian", "mi scusi"),
+    ("excuse me", "Portuguese", "com licença"),
+    ("excuse me", "Japanese", "sumimasen"),
     ("where is the train station", "Spanish", "¿dónde está la estación de tren?"),
     ("where is the train station", "French", "où est la gare ?"),
     ("where is the train station", "German", "wo ist der Bahnhof?"),
@@ -127,13 +166,23 @@ _DISHES = ["a vegetable curry", "pancakes for four people", "a birthday cake", "
 _INGREDIENTS = ["eggs", "spinach", "rice", "chickpeas", "tomatoes", "leftover chicken", "tofu", "pasta"]
 _SUBSTITUTES = ["buttermilk", "fresh basil", "brown sugar", "heavy cream", "an egg", "white wine"]
 _CONVERSIONS = [
-    ("two cups of flour", "grams"), ("350 degrees Fahrenheit", "Celsius"), ("one pound of butter", "grams"),
-    ("half a liter", "cups"), ("three tablespoons", "milliliters"), ("eight ounces", "grams"),
+    ("two cups of flour", "grams"),
+    ("350 degrees Fahrenheit", "Celsius"),
+    ("one pound of butter", "grams"),
+    ("half a liter", "cups"),
+    ("three tablespoons", "milliliters"),
+    ("eight ounces", "grams"),
 ]
 _TIMER_FOODS = ["pasta", "eggs", "bread", "soup", "cookies", "rice"]
 _MINUTES = ["three", "five", "eight", "ten", "twelve", "fifteen", "twenty", "forty-five"]
 _ITEMS = [
-    "oat milk", "batteries", "dish soap", "bananas", "coffee beans", "paper towels", "olive oil",
+    "oat milk",
+    "batteries",
+    "dish soap",
+    "bananas",
+    "coffee beans",
+    "paper towels",
+    "olive oil",
     "toothpaste",
 ]
 _PRODUCTS = ["headphones", "running shoes", "laundry detergent", "cereal", "light bulbs", "notebooks"]
@@ -142,22 +191,34 @@ _WORKOUTS = ["run", "bike ride", "brisk walk", "hike", "rowing session"]
 _DISTANCES = ["kilometer", "mile", "half mile"]
 _DIETS = ["vegetarian", "gluten-free", "dairy-free", "not spicy", "under fifteen dollars", "vegan"]
 _SIGNS = [
-    "street sign", "poster on the wall", "warning sign", "note on the door", "sign in the shop window",
+    "street sign",
+    "poster on the wall",
+    "warning sign",
+    "note on the door",
+    "sign in the shop window",
     "whiteboard",
 ]
 _COUNTRIES = ["Canada", "Portugal", "Kenya", "Vietnam", "Chile", "Norway", "Morocco", "New Zealand"]
 _LANDMARKS = ["Eiffel Tower", "Statue of Liberty", "Golden Gate Bridge", "Big Ben", "Sydney Opera House"]
 _CONCEPTS = [
-    "how a rainbow forms", "why the sky is blue", "what inflation means", "how vaccines work",
-    "what a leap year is", "how noise-cancelling works", "why bread rises",
+    "how a rainbow forms",
+    "why the sky is blue",
+    "what inflation means",
+    "how vaccines work",
+    "what a leap year is",
+    "how noise-cancelling works",
+    "why bread rises",
 ]
 _GOALS = [
-    "fall asleep faster", "remember people's names", "keep my phone battery healthy",
-    "stay focused while studying", "drink more water", "learn a few words of a new language",
+    "fall asleep faster",
+    "remember people's names",
+    "keep my phone battery healthy",
+    "stay focused while studying",
+    "drink more water",
+    "learn a few words of a new language",
 ]
 _SCENES = [
-    "You're on a busy sidewalk. A coffee shop is on your left, and two people are waiting at the bus "
-    "stop ahead.",
+    "You're on a busy sidewalk. A coffee shop is on your left, and two people are waiting at the bus stop ahead.",
     "You're facing a kitchen counter with a cutting board, three tomatoes and a knife near the edge.",
     "There's a crosswalk in front of you. The signal shows a red hand, so wait before crossing.",
     "You're in a park. A path curves to the right past a bench, and a dog is playing on the grass.",
@@ -174,8 +235,11 @@ _WEATHER = [
     ("snowing", "-2", "Watch your step on the sidewalks."),
 ]
 _CALENDAR = [
-    ("a dentist appointment", "nine"), ("a team meeting", "ten thirty"), ("lunch with Priya", "noon"),
-    ("a video call with Jonas", "two o'clock"), ("yoga class", "half past five"),
+    ("a dentist appointment", "nine"),
+    ("a team meeting", "ten thirty"),
+    ("lunch with Priya", "noon"),
+    ("a video call with Jonas", "two o'clock"),
+    ("yoga class", "half past five"),
 ]
 
 
@@ -197,140 +261,167 @@ def _expand(template: str, limit: int | None = None, **slots: Sequence[Any]) -> 
     return [template.format(**dict(zip(keys, combo))) for combo in combos]
 
 
+def _t(template: str, limit: int | None = None, **slots: Sequence[Any]) -> tuple[str, int | None, dict]:
+    """One template of the built-in prompt set, with its slot values (filled by `_expand`)."""
+    return template, limit, slots
+
+
+# The built-in prompt set, one template (or list of plain prompts) per entry; `synthetic_prompts`
+# fills and interleaves them.
+_TEMPLATES = [
+    # Navigation
+    _t("How do I get to the nearest {p} from here?", p=_PLACES),
+    _t("Is there a {p} within walking distance?", p=_PLACES),
+    _t("Give me walking directions to the {p} on {s}.", limit=24, p=_PLACES, s=_STREETS),
+    _t("Which way is the {p}? I think I'm facing {d}.", limit=16, p=_PLACES, d=_DIRECTIONS),
+    _t(
+        "I'm lost somewhere near {s}. Can you guide me back to the {p} and tell me before each turn?",
+        limit=18,
+        s=_STREETS,
+        p=_PLACES,
+    ),
+    _t("How long will it take to walk to the {p} if I leave now?", p=_PLACES),
+    _t(
+        "I'm at the {p} but I can't find the entrance. Look around and tell me where the door is.",
+        p=_PLACES[:8],
+    ),
+    # Messages and calls
+    _t("Text {n} that {m}.", limit=40, n=_NAMES, m=_MESSAGES),
+    _t("Send a message to {n} saying {m}.", limit=24, n=_NAMES, m=_MESSAGES),
+    _t("Read me the last message from {n}.", n=_NAMES),
+    _t("Did {n} reply to my text yet?", n=_NAMES),
+    _t("Please call {n} on speaker.", n=_NAMES),
+    _t(
+        "I'm meeting {n} at the {p} on {s} in half an hour. Tell me when I should leave, which way "
+        "to walk, and remind me to bring an umbrella if it's going to rain.",
+        limit=20,
+        n=_NAMES,
+        p=_PLACES,
+        s=_STREETS,
+    ),
+    # Describing the scene
+    [
+        "Describe what's in front of me.",
+        "What am I looking at right now?",
+        "Is there anything on the ground I might trip over?",
+        "Tell me if someone is walking toward me.",
+        "Who is the person waving at me? I think I've met them before, but I can't remember where.",
+    ],
+    _t("Describe the scene on my {side} in a few words.", side=["left", "right"]),
+    _t("What color is the {o} I'm looking at?", o=_OBJECTS),
+    _t("Is the {st[0]} in front of me {st[1]}?", st=_STATES),
+    _t("How many people are waiting at the {q}?", q=_QUEUES),
+    _t("Read the label on this {i} and tell me {a}.", i=_LABEL_ITEMS, a=_LABEL_ASKS),
+    # Reminders
+    _t("Remind me to {t} {w}.", limit=40, t=_TASKS, w=_WHENS),
+    _t("Set a reminder to {t} when I get {a}.", limit=20, t=_TASKS, a=_ARRIVALS),
+    _t("What reminders do I have {d}?", d=_DAYS),
+    # Translation
+    _t("How do you say '{p}' in {lang}?", p=_PHRASES, lang=_LANGS),
+    _t("Translate this menu from {lang} into English.", lang=_LANGS),
+    _t(
+        "The person in front of me is speaking {lang}. Listen and translate what they say, sentence by sentence.",
+        lang=_LANGS,
+    ),
+    # Calendar
+    _t("What's on my calendar {d}?", d=_DAYS),
+    _t("Schedule a {ev} with {n} {d} at {t}.", limit=30, ev=_EVENTS, n=_NAMES, d=_DAYS, t=_TIMES),
+    _t("Move my {ev} to {t}.", limit=20, ev=_EVENTS, t=_TIMES),
+    _t("Am I free {d} at {t}?", d=_DAYS, t=_TIMES),
+    # Weather
+    _t("Will it rain in {c} {w}?", limit=20, w=_RAIN_WHENS, c=_CITIES),
+    _t("Do I need a jacket {d}?", d=_DAYS),
+    _t("What's the weather going to be like in {c} this weekend?", c=_CITIES),
+    # Cooking
+    _t("How long should I {f[0]} {f[1]}?", f=_COOK_TIMES),
+    _t("What can I make for dinner with {a} and {b}?", limit=20, a=_INGREDIENTS, b=_INGREDIENTS[::-1]),
+    _t("This recipe needs {i}, but I don't have any. What can I use instead?", i=_SUBSTITUTES),
+    _t("Convert {c[0]} to {c[1]}.", c=_CONVERSIONS),
+    _t("Start a {m}-minute timer for the {f}.", limit=16, m=_MINUTES, f=_TIMER_FOODS),
+    # Shopping
+    _t("Add {i} to my shopping list.", i=_ITEMS),
+    _t("What's on my shopping list? I'm at the {s} now.", s=_STORES),
+    _t("Are these {p} cheaper anywhere nearby?", p=_PRODUCTS),
+    _t("Compare the two {p} I'm holding and tell me which one is better value.", p=_PRODUCTS),
+    _t(
+        "I'm in the {s} and I need everything for {d}. Check my shopping list, tell me what's "
+        "missing, and guide me to the right aisles, starting with the closest one.",
+        s=_STORES[:1] + _STORES[3:],
+        d=_DISHES,
+    ),
+    # Fitness
+    _t("Start a {w} and tell me my pace every {d}.", limit=12, w=_WORKOUTS, d=_DISTANCES),
+    _t("What was my average heart rate during this morning's {w}?", w=_WORKOUTS),
+    _t("Pause the workout. I'm stopping at the {p} for a minute.", p=_PLACES[:6]),
+    ["How many steps have I walked today?", "How far did I walk this week compared to last week?"],
+    # Reading signs and menus
+    _t("Read the menu and tell me which dishes are {d}.", d=_DIETS),
+    _t("What does that {s} say?", s=_SIGNS),
+    _t(
+        "Read the departure board for me. When does the next train to {c} leave, and from which platform?",
+        c=_CITIES,
+    ),
+    # General questions
+    _t("What's the capital of {c}?", c=_COUNTRIES),
+    _t("How tall is the {lm}, and when was it built?", lm=_LANDMARKS),
+    _t("Explain {c} in one or two sentences.", c=_CONCEPTS),
+    _t("What's a good way to {g}?", g=_GOALS),
+    # Short conversations, so the text is not only questions
+    _t(
+        "User: How far is the nearest {p}? Assistant: The closest {p} is about {d} meters away. "
+        "Turn {t} at the next corner and it will be on your {s}.",
+        limit=36,
+        p=_PLACES,
+        d=["150", "300", "450", "800"],
+        t=["left", "right"],
+        s=["left", "right"],
+    ),
+    _t(
+        "User: Set a timer for {m} minutes. Assistant: Done. Your {m}-minute timer is running, "
+        "and I'll let you know when it's finished.",
+        m=_MINUTES,
+    ),
+    _t(
+        "User: What's the weather like in {c}? Assistant: Right now it's {w[0]} in {c}, about {w[1]} degrees. {w[2]}",
+        limit=25,
+        c=_CITIES,
+        w=_WEATHER,
+    ),
+    _t(
+        "User: Text {n} that {m}. Assistant: Okay, I sent {n} a message saying {m}.",
+        limit=20,
+        n=_NAMES,
+        m=_MESSAGES,
+    ),
+    _t("User: Describe what's in front of me. Assistant: {s}", s=_SCENES),
+    _t(
+        "User: How long should I {c[0]} {c[1]}? Assistant: Plan on {c[2]}. Do you want me to start "
+        "a timer when you're ready?",
+        c=_COOK_TIMES,
+    ),
+    _t(
+        "User: How do you say '{t[0]}' in {t[1]}? Assistant: In {t[1]}, '{t[0]}' is '{t[2]}'.",
+        t=_TRANSLATIONS,
+    ),
+    _t(
+        "User: Remind me to {t} {w}. Assistant: Got it. I'll remind you to {t} {w}.",
+        limit=20,
+        t=_TASKS,
+        w=_WHENS,
+    ),
+    _t(
+        "User: What's on my calendar {d}? Assistant: You have {c[0]} at {c[1]}, and nothing else until the evening.",
+        limit=15,
+        d=_DAYS[:3],
+        c=_CALENDAR,
+    ),
+]
+
+
 def _synthetic_groups() -> list[list[str]]:
     """One list of filled templates per template; `synthetic_prompts` interleaves them."""
-    e = _expand
-    return [
-        # Navigation
-        e("How do I get to the nearest {p} from here?", p=_PLACES),
-        e("Is there a {p} within walking distance?", p=_PLACES),
-        e("Give me walking directions to the {p} on {s}.", limit=24, p=_PLACES, s=_STREETS),
-        e("Which way is the {p}? I think I'm facing {d}.", limit=16, p=_PLACES, d=_DIRECTIONS),
-        e(
-            "I'm lost somewhere near {s}. Can you guide me back to the {p} and tell me before each turn?",
-            limit=18, s=_STREETS, p=_PLACES,
-        ),
-        e("How long will it take to walk to the {p} if I leave now?", p=_PLACES),
-        e(
-            "I'm at the {p} but I can't find the entrance. Look around and tell me where the door is.",
-            p=_PLACES[:8],
-        ),
-        # Messages and calls
-        e("Text {n} that {m}.", limit=40, n=_NAMES, m=_MESSAGES),
-        e("Send a message to {n} saying {m}.", limit=24, n=_NAMES, m=_MESSAGES),
-        e("Read me the last message from {n}.", n=_NAMES),
-        e("Did {n} reply to my text yet?", n=_NAMES),
-        e("Please call {n} on speaker.", n=_NAMES),
-        e(
-            "I'm meeting {n} at the {p} on {s} in half an hour. Tell me when I should leave, which way "
-            "to walk, and remind me to bring an umbrella if it's going to rain.",
-            limit=20, n=_NAMES, p=_PLACES, s=_STREETS,
-        ),
-        # Describing the scene
-        ["Describe what's in front of me.", "What am I looking at right now?",
-         "Is there anything on the ground I might trip over?",
-         "Tell me if someone is walking toward me.",
-         "Who is the person waving at me? I think I've met them before, but I can't remember where."],
-        e("Describe the scene on my {side} in a few words.", side=["left", "right"]),
-        e("What color is the {o} I'm looking at?", o=_OBJECTS),
-        e("Is the {st[0]} in front of me {st[1]}?", st=_STATES),
-        e("How many people are waiting at the {q}?", q=_QUEUES),
-        e("Read the label on this {i} and tell me {a}.", i=_LABEL_ITEMS, a=_LABEL_ASKS),
-        # Reminders
-        e("Remind me to {t} {w}.", limit=40, t=_TASKS, w=_WHENS),
-        e("Set a reminder to {t} when I get {a}.", limit=20, t=_TASKS, a=_ARRIVALS),
-        e("What reminders do I have {d}?", d=_DAYS),
-        # Translation
-        e("How do you say '{p}' in {lang}?", p=_PHRASES, lang=_LANGS),
-        e("Translate this menu from {lang} into English.", lang=_LANGS),
-        e(
-            "The person in front of me is speaking {lang}. Listen and translate what they say, sentence by "
-            "sentence.",
-            lang=_LANGS,
-        ),
-        # Calendar
-        e("What's on my calendar {d}?", d=_DAYS),
-        e("Schedule a {ev} with {n} {d} at {t}.", limit=30, ev=_EVENTS, n=_NAMES, d=_DAYS, t=_TIMES),
-        e("Move my {ev} to {t}.", limit=20, ev=_EVENTS, t=_TIMES),
-        e("Am I free {d} at {t}?", d=_DAYS, t=_TIMES),
-        # Weather
-        e("Will it rain in {c} {w}?", limit=20, w=_RAIN_WHENS, c=_CITIES),
-        e("Do I need a jacket {d}?", d=_DAYS),
-        e("What's the weather going to be like in {c} this weekend?", c=_CITIES),
-        # Cooking
-        e("How long should I {f[0]} {f[1]}?", f=_COOK_TIMES),
-        e("What can I make for dinner with {a} and {b}?", limit=20, a=_INGREDIENTS, b=_INGREDIENTS[::-1]),
-        e("This recipe needs {i}, but I don't have any. What can I use instead?", i=_SUBSTITUTES),
-        e("Convert {c[0]} to {c[1]}.", c=_CONVERSIONS),
-        e("Start a {m}-minute timer for the {f}.", limit=16, m=_MINUTES, f=_TIMER_FOODS),
-        # Shopping
-        e("Add {i} to my shopping list.", i=_ITEMS),
-        e("What's on my shopping list? I'm at the {s} now.", s=_STORES),
-        e("Are these {p} cheaper anywhere nearby?", p=_PRODUCTS),
-        e("Compare the two {p} I'm holding and tell me which one is better value.", p=_PRODUCTS),
-        e(
-            "I'm in the {s} and I need everything for {d}. Check my shopping list, tell me what's "
-            "missing, and guide me to the right aisles, starting with the closest one.",
-            s=_STORES[:1] + _STORES[3:], d=_DISHES,
-        ),
-        # Fitness
-        e("Start a {w} and tell me my pace every {d}.", limit=12, w=_WORKOUTS, d=_DISTANCES),
-        e("What was my average heart rate during this morning's {w}?", w=_WORKOUTS),
-        e("Pause the workout. I'm stopping at the {p} for a minute.", p=_PLACES[:6]),
-        ["How many steps have I walked today?", "How far did I walk this week compared to last week?"],
-        # Reading signs and menus
-        e("Read the menu and tell me which dishes are {d}.", d=_DIETS),
-        e("What does that {s} say?", s=_SIGNS),
-        e(
-            "Read the departure board for me. When does the next train to {c} leave, and from which "
-            "platform?",
-            c=_CITIES,
-        ),
-        # General questions
-        e("What's the capital of {c}?", c=_COUNTRIES),
-        e("How tall is the {lm}, and when was it built?", lm=_LANDMARKS),
-        e("Explain {c} in one or two sentences.", c=_CONCEPTS),
-        e("What's a good way to {g}?", g=_GOALS),
-        # Short conversations, so the text is not only questions
-        e(
-            "User: How far is the nearest {p}? Assistant: The closest {p} is about {d} meters away. "
-            "Turn {t} at the next corner and it will be on your {s}.",
-            limit=36, p=_PLACES, d=["150", "300", "450", "800"], t=["left", "right"], s=["left", "right"],
-        ),
-        e(
-            "User: Set a timer for {m} minutes. Assistant: Done. Your {m}-minute timer is running, "
-            "and I'll let you know when it's finished.",
-            m=_MINUTES,
-        ),
-        e(
-            "User: What's the weather like in {c}? Assistant: Right now it's {w[0]} in {c}, about "
-            "{w[1]} degrees. {w[2]}",
-            limit=25, c=_CITIES, w=_WEATHER,
-        ),
-        e(
-            "User: Text {n} that {m}. Assistant: Okay, I sent {n} a message saying {m}.",
-            limit=20, n=_NAMES, m=_MESSAGES,
-        ),
-        e("User: Describe what's in front of me. Assistant: {s}", s=_SCENES),
-        e(
-            "User: How long should I {c[0]} {c[1]}? Assistant: Plan on {c[2]}. Do you want me to start "
-            "a timer when you're ready?",
-            c=_COOK_TIMES,
-        ),
-        e(
-            "User: How do you say '{t[0]}' in {t[1]}? Assistant: In {t[1]}, '{t[0]}' is '{t[2]}'.",
-            t=_TRANSLATIONS,
-        ),
-        e(
-            "User: Remind me to {t} {w}. Assistant: Got it. I'll remind you to {t} {w}.",
-            limit=20, t=_TASKS, w=_WHENS,
-        ),
-        e(
-            "User: What's on my calendar {d}? Assistant: You have {c[0]} at {c[1]}, and nothing else "
-            "until the evening.",
-            limit=15, d=_DAYS[:3], c=_CALENDAR,
-        ),
-    ]
+    # an entry is a `_t(...)` template or a plain list of prompts used as they are
+    return [entry if isinstance(entry, list) else _expand(entry[0], entry[1], **entry[2]) for entry in _TEMPLATES]
 
 
 def synthetic_prompts() -> list[str]:
@@ -364,8 +455,7 @@ def resolve_dataset(name: str) -> tuple[str, str | None]:
         path, _, config = key.partition(":")
         if not path or not config:
             raise DataError(
-                f"dataset {name!r} is malformed; write it as name or name:config, "
-                "e.g. wikitext:wikitext-2-raw-v1"
+                f"dataset {name!r} is malformed; write it as name or name:config, e.g. wikitext:wikitext-2-raw-v1"
             )
         if path.lower() in DATASET_ALIASES:  # an alias with an explicit config keeps the alias' repo
             path = DATASET_ALIASES[path.lower()][0]
@@ -457,9 +547,7 @@ def _dataset_texts(ds: Any, split: str, source: str) -> list[Any]:
         chosen = split if split in ds else "train" if "train" in ds else next(iter(ds))
         ds = ds[chosen]
     columns = list(ds.column_names)
-    is_string = {
-        k: isinstance(f, Value) and f.dtype in ("string", "large_string") for k, f in ds.features.items()
-    }
+    is_string = {k: isinstance(f, Value) and f.dtype in ("string", "large_string") for k, f in ds.features.items()}
     col = _pick_column(columns, is_string, source)
     # Arrow round-trip: ~40x faster than iterating a datasets Column for millions of rows.
     return ds.with_format("arrow")[col].to_pylist()
@@ -616,9 +704,7 @@ def tokenize_texts(texts: list[str], tokenizer: Any, max_length: int, pack: bool
     if not texts:
         return []
     if not pack:
-        enc = tokenizer(
-            list(texts), add_special_tokens=True, truncation=True, max_length=max_length, **_IDS_ONLY
-        )
+        enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length, **_IDS_ONLY)
         _log_truncated(texts, enc["input_ids"], tokenizer, max_length)
         return [list(ids) for ids in enc["input_ids"] if len(ids) >= 2]
     # verbose=False: long documents are expected here; they get cut into blocks, not truncated.
@@ -748,9 +834,7 @@ class BlockBatcher:
         shard: tuple[int, int] = (0, 1),
     ) -> None:
         if not blocks or not any(len(b) >= 2 for b in blocks):
-            raise DataError(
-                "no training sequences of at least 2 tokens; use longer texts or a larger --max-length"
-            )
+            raise DataError("no training sequences of at least 2 tokens; use longer texts or a larger --max-length")
         if batch_size < 1:
             raise DataError(f"batch size must be positive, got {batch_size}")
         rank, world = shard
@@ -832,8 +916,10 @@ class BlockBatcher:
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < len(self):
-            raise DataError(f"saved data-loader state (epoch {epoch}, position {position}) is invalid for "
-                            f"{len(self)} blocks per epoch; resume from an intact checkpoint")
+            raise DataError(
+                f"saved data-loader state (epoch {epoch}, position {position}) is invalid for "
+                f"{len(self)} blocks per epoch; resume from an intact checkpoint"
+            )
         self.epoch, self.position = epoch, position
 
 

@@ -28,6 +28,7 @@ from .checkpoint import (
     run_fingerprint,
     save_checkpoint,
 )
+from .cli_common import progress_bar
 from .config import StudentConfig, TrainConfig
 from .data import (
     BlockBatcher,
@@ -580,7 +581,7 @@ class DistillRecipe:
     def train_loop(self) -> None:
         """Steps start_step+1 .. num_steps; each: one optimizer step, then the log, eval and checkpoint hooks."""
         cfg = self.cfg
-        self.bar = _progress(cfg.num_steps, self.show_progress and self.dctx.is_main)
+        self.bar = progress_bar(cfg.num_steps, "distill", "step", self.show_progress and self.dctx.is_main)
         self.bar.update(self.start_step)
         stop = StopSignals()
         try:
@@ -985,20 +986,6 @@ def _tensorboard_row(tb, step: int, s: StepStats, lr: float, tps: float) -> None
         tb.add_scalar("spikes/mean", s.spike_rate, step)
         for name, rate in s.layer_rates.items():
             tb.add_scalar(f"spikes/{name}", rate, step)
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        desc="distill",
-        unit="step",
-        file=sys.stderr,
-        disable=not enabled,
-        dynamic_ncols=True,
-        leave=False,
-    )
 
 
 def _log_line(bar, msg: str) -> None:

@@ -22,13 +22,14 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .cli_common import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -283,21 +284,6 @@ def generate_batch(
     return replies
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc="teacher replies",
-        unit="prompt",
-        file=sys.stderr,
-        disable=not enabled,
-        dynamic_ncols=True,
-        leave=False,
-    )
-
-
 def fill_replies(
     cache: ResponseCache,
     prompt_ids: list[list[int]],
@@ -322,7 +308,7 @@ def fill_replies(
                 settings.max_new_tokens,
             )
             model = teacher.ensure_model()
-            bar = _progress(len(prompt_ids), min(done * bs, len(prompt_ids)), progress)
+            bar = progress_bar(len(prompt_ids), "teacher replies", "prompt", progress, min(done * bs, len(prompt_ids)))
             try:
                 for b in missing:
                     chunk = prompt_ids[b * bs : (b + 1) * bs]

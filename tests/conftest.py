@@ -107,6 +107,18 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    with tiny models it is as fast, and it does not thrash when the cores are shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SNN_DISTILL_CACHE", str(tmp_path / "cache"))

@@ -58,12 +58,7 @@ SMALL = [
 STUDENT = {"dim": 16, "depth": 1, "num_heads": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and kinder to a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -37,12 +37,7 @@ CHAT = (
 PROMPTS = synthetic_prompts()[:6]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chat_tokenizer():

@@ -52,12 +52,7 @@ PROMPTS = [
 # ---- fixtures: a trained student, servers in subprocesses ----------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

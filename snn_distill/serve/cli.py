@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..cli_common import ArgParser, UserError, positive_int, run_guarded, setup_logging
+from ..cli_common import ArgParser, UserError, non_negative_int, positive_int, run_guarded, setup_logging
 
 log = logging.getLogger("snn_distill.serve")
 API_KEY_ENV = "SNN_DISTILL_API_KEY"
@@ -26,16 +26,6 @@ def _non_negative_float(s: str) -> float:
     return v
 
 
-def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
 def build_serve_parser(prog: str = "snn-distill serve") -> argparse.ArgumentParser:
     p = ArgParser(prog=prog, description="Serve a trained student (or its teacher) over an OpenAI-compatible API.")
     src = p.add_argument_group("what to serve")
@@ -48,12 +38,12 @@ def build_serve_parser(prog: str = "snn-distill serve") -> argparse.ArgumentPars
     src.add_argument("--device", default="cpu", help="torch device for --backend torch / --teacher-model")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs --api-key)")
-    net.add_argument("--port", type=_non_negative_int, default=8000, help="0 picks a free port (logged)")
+    net.add_argument("--port", type=non_negative_int, default=8000, help="0 picks a free port (logged)")
     net.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                      help=f"require 'Authorization: Bearer KEY' (default ${API_KEY_ENV})")  # fmt: skip
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-concurrency", type=positive_int, default=4, help="requests decoding at once")
-    lim.add_argument("--max-queue", type=_non_negative_int, default=64, help="requests waiting beyond that (then 503)")
+    lim.add_argument("--max-queue", type=non_negative_int, default=64, help="requests waiting beyond that (then 503)")
     lim.add_argument("--queue-timeout", type=_non_negative_float, default=60.0, help="seconds a request may wait")
     lim.add_argument("--max-tokens-cap", type=positive_int, default=512, help="upper bound on max_tokens")
     lim.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="larger bodies get 413")
