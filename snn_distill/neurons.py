@@ -272,17 +272,19 @@ def lif_inference(current: Tensor, decay: float | Tensor, threshold: float | Ten
     return torch.stack([s for _, s in lif_dynamics(current, decay, threshold, _fire_inference)])
 
 
-def lif_margin(current: Tensor, decay: float | Tensor, threshold: float | Tensor) -> Tensor:
-    """Smallest |u - θ| over timesteps and the last dim: current [T, N, ..., F] -> [N, ...].
+def lif_margin(current: Tensor, decay: float | Tensor, threshold: float | Tensor) -> tuple[Tensor, Tensor]:
+    """`lif_inference` that also reports how close any neuron came to flipping, in the same pass.
 
-    How close any neuron came to flipping; export verification uses it to excuse positions where
-    float rounding legitimately flips a spike.
+    current [T, N, ..., F] -> (spikes [T, N, ..., F], smallest |u - θ| over timesteps and F [N, ...]);
+    export verification uses the margin to excuse positions where float rounding legitimately flips a
+    spike.
     """
-    best = None
-    for x, _ in lif_dynamics(current, decay, threshold, _fire_inference):
+    spikes, best = [], None
+    for x, s in lif_dynamics(current, decay, threshold, _fire_inference):
         m = x.abs().amin(-1)
         best = m if best is None else torch.minimum(best, m)
-    return best
+        spikes.append(s)
+    return torch.stack(spikes), best
 
 
 def calibrate_threshold(
@@ -434,7 +436,7 @@ class LIF(torch.nn.Module):
     `last_spike_rate` holds the mean spike value (0-dim float32, detached); with `record_stats`
     it also accumulates `fire_counts` (float64 [F], spikes per neuron) and `num_observations`
     (rows of F neurons seen, i.e. timesteps x tokens) until `reset_stats()`; with `record_margin`,
-    `last_margin` holds `lif_margin` of the last input.
+    a forward without grad also leaves `lif_margin`'s margin of its input in `last_margin`.
 
     With `channels`, the threshold is per channel (a buffer, or a parameter with
     `learn_threshold`), and `learn_decay` makes the leak a per-channel parameter (decay = sigmoid(w),
@@ -526,6 +528,8 @@ class LIF(torch.nn.Module):
             spikes = lif_multistep(
                 seq, decay=decay, threshold=threshold, surrogate=self.surrogate, slope=self.slope, fused=self.fused
             )
+        elif self.record_margin and not torch.compiler.is_exporting():
+            spikes, self.last_margin = lif_margin(seq, decay, threshold)
         else:
             # plain ops only: the autograd.Function and the in-place kernel do not export
             spikes = lif_inference(seq, decay, threshold)
@@ -535,9 +539,6 @@ class LIF(torch.nn.Module):
         # while exporting, x is a fake tensor and torch.export warns about tensor attributes
         if not torch.compiler.is_exporting():
             self._record(out.detach())
-            if self.record_margin:
-                with torch.no_grad():
-                    self.last_margin = lif_margin(seq, decay, threshold)
         return out
 
     @torch.no_grad()
