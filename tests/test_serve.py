@@ -378,6 +378,11 @@ def test_saturation_is_503_and_a_freed_slot_serves_the_queue(tiny_app):
             complete(client, "hello", max_tokens=4)
         http.portal.call(engine.release)  # the busy request ends: the queued one gets its slot
         assert queued.result().choices[0].text
+    # the slot is released when the response task finishes, which may be just after the client has
+    # read the whole body: wait for it (bounded), then the counters must be back to zero
+    deadline = time.monotonic() + 10
+    while http.portal.call(lambda: (engine.active, engine.waiting)) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert http.portal.call(lambda: (engine.active, engine.waiting)) == (0, 0)
 
 
