@@ -1,14 +1,18 @@
-"""Fused vs per-step-loop LIF: forward+backward time and memory saved for backward, on CPU.
+"""Compiled vs fused vs per-step-loop LIF: forward+backward time and memory saved for backward, on CPU.
 
     python bench/bench_lif.py [--timesteps 4 8 16] [--neurons 512] [--repeats 15] [--rss] [--snntorch]
 
 Input current is [T, batch*tokens, neurons] (default 8 x 64 tokens x 512 features). Times are medians
-over `--repeats` runs, fused and loop interleaved (alternating which goes first) so drift and
-background load hit both alike. "Saved" is the bytes of the distinct storages autograd keeps for
-backward (via saved_tensors_hooks): deterministic, and what stays resident per layer in a deep
-network. `--rss` adds the peak resident-set growth of one forward+backward in a fresh process
-(Linux only; includes transient buffers and allocator effects). `--snntorch` adds snnTorch's
-`Leaky` stepped over T the usual way (indexing the input per step), for reference.
+over `--repeats` rounds; each round runs every variant once, round-robin (alternating the order) so
+drift and background load hit all alike. "compiled" is `lif_kernel="compiled"` (torch.compile); its
+first call per T pays the compile, reported on its own ("compile s": the first call minus the median
+call) and kept out of the medians. Inductor caches compiled kernels on disk: for a cold compile time
+run with `TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)`. "Saved" is the bytes of the distinct storages
+autograd keeps for backward (via saved_tensors_hooks): deterministic, and what stays resident per
+layer in a deep network. `--rss` adds the peak resident-set growth of one forward+backward in a
+fresh process (Linux only; includes transient buffers and allocator effects; each variant first runs
+once on a tiny input, so lazy initialisation and the compile stay out of it). `--snntorch` adds
+snnTorch's `Leaky` stepped over T the usual way (indexing the input per step), for reference.
 """
 
 from __future__ import annotations
@@ -31,16 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from snn_distill.neurons import DEFAULT_SLOPES, lif_multistep  # noqa: E402
 
 MIB = 2**20
+KERNELS = ["loop", "fused", "compiled"]  # lif_multistep's kernels, in table order
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def make_step(variant: str, args: argparse.Namespace) -> Callable[[torch.Tensor], torch.Tensor]:
     """current [T, N, F] (requires grad) -> spikes [T, N, F], for one implementation."""
     kw = dict(decay=args.decay, threshold=args.threshold, surrogate=args.surrogate)
-    if variant == "fused":
-        return lambda x: lif_multistep(x, fused=True, **kw)
-    if variant == "loop":
-        return lambda x: lif_multistep(x, fused=False, **kw)
+    if variant in KERNELS:
+        return lambda x: lif_multistep(x, kernel=variant, **kw)
     if variant == "snntorch":
         import snntorch as snn
         from snntorch import surrogate
@@ -95,14 +98,14 @@ def saved_bytes(step: Callable, current: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = step(x)
     # Count what the graph still holds: a node dropped during forward (e.g. behind a .detach()) frees
-    # its saved tensors. Distinct storages only; the graph input is alive anyway and not charged.
+    # its saved tensors. Distinct storages only. The input counts when saved (the compiled kernel
+    # keeps it): in a network it is a matmul output that would be freed otherwise.
     storages = {}
     for ref in packed:
         t = ref()
         if t is not None:
             st = t.untyped_storage()
             storages[st.data_ptr()] = st.nbytes()
-    storages.pop(x.untyped_storage().data_ptr(), None)
     del out
     return sum(storages.values())
 
@@ -121,6 +124,10 @@ def child_rss(args: argparse.Namespace) -> None:
     variant, T = args.child_variant, args.child_T
     step = make_step(variant, args)
     current, grad = inputs(T, args)
+    # one call on a tiny input first: lazy initialisation, and the compiled kernel's compile (the same
+    # dynamic-shape graph), stay out of the measurement without leaving large freed blocks behind
+    tiny = torch.randn(T, 2, 8, dtype=current.dtype)
+    fwd_bwd(step, tiny, torch.ones_like(tiny))
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
         f.write("5")
@@ -159,50 +166,56 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    variants = ["loop", "fused"] + (["snntorch"] if args.snntorch else [])
+    variants = KERNELS + (["snntorch"] if args.snntorch else [])
     steps = {v: make_step(v, args) for v in variants}
     print(
         f"LIF fwd+bwd on CPU, torch {torch.__version__}, {args.threads} threads, {args.dtype}, "
         f"current [T, {args.batch}x{args.tokens}, {args.neurons}], surrogate {args.surrogate}, "
         f"decay {args.decay}, threshold {args.threshold}, median of {args.repeats}\n"
     )
-    head = ["T", "loop ms", "fused ms", "speedup", "loop saved MiB", "fused saved MiB", "ratio"]
+    head = ["T", *(f"{v} ms" for v in KERNELS), "fused speedup", "compiled speedup"]
+    head += [f"{v} saved MiB" for v in KERNELS]
     if args.rss:
-        head += ["loop peak RSS MiB", "fused peak RSS MiB"]
+        head += [f"{v} peak RSS MiB" for v in KERNELS]
     if args.snntorch:
         head += ["snnTorch ms", "snnTorch saved MiB"]
-    head += ["spike rate"]
+    head += ["compile s", "spike rate"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for T in args.timesteps:
-        current, grad = inputs(T, args)
-        for v in variants:
-            for _ in range(args.warmup):
-                fwd_bwd(steps[v], current, grad)
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        for r in range(args.repeats):
-            order = variants if r % 2 == 0 else variants[::-1]
-            for v in order:
-                times[v].append(fwd_bwd(steps[v], current, grad))
-        ms = {v: 1e3 * statistics.median(times[v]) for v in variants}
-        saved = {v: saved_bytes(steps[v], current) / MIB for v in variants}
-        with torch.no_grad():
-            rate = lif_multistep(current, decay=args.decay, threshold=args.threshold).float().mean().item()
-        row = [
-            str(T),
-            f"{ms['loop']:.1f}",
-            f"{ms['fused']:.1f}",
-            f"{ms['loop'] / ms['fused']:.2f}x",
-            f"{saved['loop']:.1f}",
-            f"{saved['fused']:.1f}",
-            f"{saved['fused'] / saved['loop']:.2f}",
-        ]
-        if args.rss:
-            row += [f"{peak_rss_mib('loop', T, args):.0f}", f"{peak_rss_mib('fused', T, args):.0f}"]
-        if args.snntorch:
-            row += [f"{ms['snntorch']:.1f}", f"{saved['snntorch']:.1f}"]
-        row += [f"{rate:.3f}"]
-        print("| " + " | ".join(row) + " |", flush=True)
+        print("| " + " | ".join(measure_row(T, variants, steps, args)) + " |", flush=True)
+
+
+def timed_rounds(T: int, variants: list[str], steps: dict[str, Callable], args) -> tuple[dict[str, float], float]:
+    """Median ms per variant over round-robin rounds, and the compiled kernel's first call in s."""
+    current, grad = inputs(T, args)
+    first = fwd_bwd(steps["compiled"], current, grad)  # compiles (or loads from inductor's cache)
+    for v in variants:
+        for _ in range(args.warmup):
+            fwd_bwd(steps[v], current, grad)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(args.repeats):
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]  # each variant in each slot
+        for v in order if r % 2 == 0 else order[::-1]:
+            times[v].append(fwd_bwd(steps[v], current, grad))
+    return {v: 1e3 * statistics.median(times[v]) for v in variants}, first
+
+
+def measure_row(T: int, variants: list[str], steps: dict[str, Callable], args) -> list[str]:
+    ms, first = timed_rounds(T, variants, steps, args)
+    current, _ = inputs(T, args)
+    saved = {v: saved_bytes(steps[v], current) / MIB for v in variants}
+    with torch.no_grad():
+        spikes = lif_multistep(current, decay=args.decay, threshold=args.threshold, kernel="fused")
+    row = [str(T), *(f"{ms[v]:.1f}" for v in KERNELS)]
+    row += [f"{ms['loop'] / ms['fused']:.2f}x", f"{ms['loop'] / ms['compiled']:.2f}x"]
+    row += [f"{saved[v]:.1f}" for v in KERNELS]
+    if args.rss:
+        row += [f"{peak_rss_mib(v, T, args):.0f}" for v in KERNELS]
+    if args.snntorch:
+        row += [f"{ms['snntorch']:.1f}", f"{saved['snntorch']:.1f}"]
+    row += [f"{first - ms['compiled'] / 1e3:.1f}", f"{spikes.float().mean().item():.3f}"]
+    return row
 
 
 if __name__ == "__main__":

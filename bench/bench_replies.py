@@ -2,7 +2,7 @@
 """Replies of trained students against the teacher's, on the same held-out prompts: one row per run.
 
     python bench/bench_replies.py --teacher-model .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --artifacts artifacts/prompts_only artifacts/replies [--max-texts 240 --reply-tokens 32 --max-length 96]
+        --artifacts artifacts/prompts_only artifacts/replies [--max-texts 192 --reply-tokens 24 --max-length 96]
 
 Every student is measured with `evaluate_responses` on the held-out prompts of the synthetic set
 (the split of `--max-texts`, `--held-out-fraction` and `--seed`, as in training) against the teacher's
@@ -35,8 +35,8 @@ def main() -> int:
     p.add_argument("--teacher-model", required=True)
     p.add_argument("--artifacts", nargs="+", required=True, help="folders holding student.pt + metadata.json")
     p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--max-texts", type=int, default=240)
-    p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--max-texts", type=int, default=192)
+    p.add_argument("--reply-tokens", type=int, default=24)
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--held-out-fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)

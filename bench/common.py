@@ -108,7 +108,10 @@ def packed_text_blocks(tokenizer, max_length: int, min_blocks: int) -> list[list
         texts = texts + texts
 
 
-def md_table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def md_table(head: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A markdown table; `align` is one letter per column, "l" or "r" (default: all left)."""
+    rules = ["---:" if a == "r" else "---" for a in (align or "l" * len(head))]
+    assert len(rules) == len(head), "one alignment letter per column"
+    lines = ["| " + " | ".join(head) + " |", "|" + "".join(r + "|" for r in rules)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

@@ -33,8 +33,8 @@ def main() -> int:
     p.add_argument("--output-dir", default="artifacts/demo")
     p.add_argument("--cache", default=str(ROOT / ".cache"))
     p.add_argument("--prompt", default="What's the weather like today?")
-    p.add_argument("--max-texts", type=int, default=240, help="synthetic prompts the teacher answers")
-    p.add_argument("--reply-tokens", type=int, default=32, help="longest teacher reply, in tokens")
+    p.add_argument("--max-texts", type=int, default=192, help="synthetic prompts the teacher answers")
+    p.add_argument("--reply-tokens", type=int, default=24, help="longest teacher reply, in tokens")
     args = p.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="[demo] %(message)s", stream=sys.stderr)

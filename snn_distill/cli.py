@@ -19,7 +19,18 @@ from typing import Any
 
 from . import __version__
 from .cli_common import ArgParser, UserError, positive_int, run_guarded, setup_logging
-from .config import KD_LOSSES, SCHEDULERS, SNN_MODES, STUDENT_TYPES, SURROGATES, StudentConfig, TrainConfig
+from .config import (
+    FUSED_LOSSES,
+    KD_LOSSES,
+    LIF_KERNELS,
+    SCHEDULERS,
+    SNN_CODINGS,
+    SNN_MODES,
+    STUDENT_TYPES,
+    SURROGATES,
+    StudentConfig,
+    TrainConfig,
+)
 
 
 def configure_openmp_wait() -> None:
@@ -54,11 +65,14 @@ STUDENT_FLAGS = {
     "surrogate_slope": "surrogate_slope",
     "snn_threshold": "threshold",
     "snn_decay": "decay",
+    "snn_lif_kernel": "lif_kernel",
     "snn_mode": "mode",
     "snn_learn_threshold": "learn_threshold",
     "snn_learn_decay": "learn_decay",
     "snn_target_rate": "target_rate",
     "snn_homeostasis": "homeostasis",
+    "snn_coding": "coding",
+    "snn_ternary": "ternary",
     "gradient_checkpointing": "gradient_checkpointing",
     "max_seq_len": "max_seq_len",
 }
@@ -118,6 +132,13 @@ def _add_loss_flags(g: argparse._ArgumentGroup) -> None:
         help="weight of next-token cross-entropy (0-1)",
     )
     g.add_argument("--loss-chunk-tokens", type=positive_int, default=TRAIN_DEFAULTS["loss_chunk_tokens"])
+    g.add_argument(
+        "--fused-loss",
+        choices=FUSED_LOSSES,
+        default=TRAIN_DEFAULTS["fused_loss"],
+        help="forward-KL chunk kernel: auto (liger on CUDA when installed, else compile), compile "
+        "(torch.compile; the first step pays a one-off compile), eager, liger (pip install 'snn-distill[cuda]')",
+    )
 
 
 def _add_student_flags(g: argparse._ArgumentGroup) -> None:
@@ -156,11 +177,30 @@ def _add_snn_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--snn-threshold", type=float, default=STUDENT_DEFAULTS["threshold"])
     g.add_argument("--snn-decay", type=float, default=STUDENT_DEFAULTS["decay"])
     g.add_argument(
+        "--snn-lif-kernel",
+        choices=LIF_KERNELS,
+        default=STUDENT_DEFAULTS["lif_kernel"],
+        help="multi-step LIF training kernel: auto (compiled for large layers when torch.compile works, else "
+        "fused), compiled (torch.compile; the first step pays a one-off compile), fused (eager), loop (reference)",
+    )
+    g.add_argument(
         "--snn-mode",
         choices=SNN_MODES,
         default=STUDENT_DEFAULTS["mode"],
         help="hybrid: spikes feed attention and the MLP down-projection; spike-driven: every weight matmul "
         "(Q/K/V, attention output, MLP up/down, LM head) reads spikes",
+    )
+    g.add_argument(
+        "--snn-coding",
+        choices=SNN_CODINGS,
+        default=STUDENT_DEFAULTS["coding"],
+        help="temporal: every layer runs T timesteps; count: each layer runs once per token and its neurons "
+        "emit spike counts 0..T (T times less matmul work; expands to T binary spikes at inference)",
+    )
+    g.add_argument(
+        "--snn-ternary",
+        action="store_true",
+        help="spike-driven: the LIFs on normalised inputs emit signed spikes (-1, 0, 1), keeping the sign",
     )
     g.add_argument("--snn-learn-threshold", action="store_true", help="learn a per-channel firing threshold")
     g.add_argument("--snn-learn-decay", action="store_true", help="learn a per-channel membrane leak (PLIF)")
@@ -168,7 +208,7 @@ def _add_snn_flags(g: argparse._ArgumentGroup) -> None:
         "--snn-target-rate",
         type=float,
         default=STUDENT_DEFAULTS["target_rate"],
-        help="spike-driven: firing rate the thresholds are calibrated to on the first batch",
+        help="spike-driven or count coding: firing rate the thresholds are calibrated to on the first batch",
     )
     g.add_argument(
         "--snn-homeostasis",
@@ -348,6 +388,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, 
         pack=args.pack,
         held_out_fraction=args.held_out_fraction,
         loss_chunk_tokens=args.loss_chunk_tokens,
+        fused_loss=args.fused_loss,
         teacher_dtype=args.teacher_dtype,
         teacher_device=args.teacher_device,
         teacher_quantization=getattr(args, "teacher_quantization", "none"),

@@ -16,7 +16,12 @@ SURROGATES = ("sigmoid", "fast_sigmoid", "triangular", "arctan")
 STUDENT_TYPES = ("snn", "ann")
 SCHEDULERS = ("constant", "cosine", "linear")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+# the forward-KL chunk kernel (fused_loss.py): auto = liger on CUDA when installed, else compile
+FUSED_LOSSES = ("auto", "compile", "eager", "liger")
+# the multi-step LIF kernel (neurons.py): auto = compiled when torch.compile works, else fused
+LIF_KERNELS = ("auto", "compiled", "fused", "loop")
 SNN_MODES = ("hybrid", "spike-driven")
+SNN_CODINGS = ("temporal", "count")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -32,11 +37,14 @@ SNN_KEYS = (
     "threshold",
     "decay",
     "fused_lif",
+    "lif_kernel",
     "mode",
     "learn_threshold",
     "learn_decay",
     "target_rate",
     "homeostasis",
+    "coding",
+    "ternary",
 )
 
 
@@ -60,7 +68,8 @@ class StudentConfig:
     surrogate_slope: float | None = None  # None: the surrogate's documented default
     threshold: float = 1.0
     decay: float = 0.5  # membrane leak beta: u[t] = beta * u[t-1] + I[t] - threshold * s[t-1]
-    fused_lif: bool = True
+    fused_lif: bool = True  # False: the per-step reference loop, whatever lif_kernel says
+    lif_kernel: str = "auto"  # one of LIF_KERNELS (see neurons.lif_multistep)
     # "hybrid": spikes feed Q/K/V attention and the MLP down-projection only (the original student);
     # "spike-driven": every weight matmul reads a spike code (see student.py).
     mode: str = "hybrid"
@@ -68,6 +77,10 @@ class StudentConfig:
     learn_decay: bool = False  # per-channel learnable leak, decay = sigmoid(w) (PLIF)
     target_rate: float = 0.15  # spike-driven: thresholds calibrated on the first batch to fire at this rate
     homeostasis: float = 0.0  # spike-driven: per-step threshold adaptation toward target_rate (0: off)
+    # "temporal": every layer runs T timesteps (T rows per token); "count": each layer runs once per
+    # token and its neurons emit spike counts 0..T of their constant input current (counting.py)
+    coding: str = "temporal"
+    ternary: bool = False  # spike-driven: the LIFs on normalised inputs emit signed spikes (-1, 0, 1)
     gradient_checkpointing: bool = False
     qat_int8: bool = False  # fake-quantize linear weights (per-channel symmetric int8) while training
 
@@ -112,10 +125,27 @@ class StudentConfig:
         )
         _check(self.threshold > 0, f"--snn-threshold must be positive (try 0.5-1.5), got {self.threshold}")
         _check(0.0 <= self.decay <= 1.0, f"membrane decay must be in [0, 1], got {self.decay}")
+        _check(
+            self.lif_kernel in LIF_KERNELS,
+            f"--snn-lif-kernel must be one of {', '.join(LIF_KERNELS)}, got {self.lif_kernel!r}",
+        )
         _check(self.mode in SNN_MODES, f"--snn-mode must be one of {', '.join(SNN_MODES)}, got {self.mode!r}")
         _check(
             0.0 < self.target_rate <= 0.5,
             f"--snn-target-rate must be in (0, 0.5] (try 0.1-0.2), got {self.target_rate}",
+        )
+        _check(
+            self.coding in SNN_CODINGS,
+            f"--snn-coding must be one of {', '.join(SNN_CODINGS)}, got {self.coding!r}",
+        )
+        _check(
+            self.coding == "temporal" or not (self.learn_threshold or self.learn_decay),
+            "--snn-coding count keeps thresholds calibrated, not learned: drop --snn-learn-threshold/"
+            "--snn-learn-decay, or use --snn-coding temporal",
+        )
+        _check(
+            not self.ternary or self.mode == "spike-driven",
+            "--snn-ternary applies to the LIFs on normalised inputs of --snn-mode spike-driven; add that mode",
         )
         _check(
             0.0 <= self.homeostasis <= 1.0,
@@ -140,8 +170,13 @@ class StudentConfig:
         return self.mode == "spike-driven"
 
     @property
+    def count_coded(self) -> bool:
+        """A spiking student whose layers run once per token on spike counts (see counting.py)."""
+        return self.spiking and self.coding == "count"
+
+    @property
     def per_channel_neurons(self) -> bool:
-        return self.spike_driven or self.learn_threshold or self.learn_decay
+        return self.spike_driven or self.count_coded or self.learn_threshold or self.learn_decay
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,11 +201,14 @@ class StudentConfig:
             "surrogate_slope": self.surrogate_slope,
             "decay": self.decay,
             "fused_lif": self.fused_lif,
+            "lif_kernel": self.lif_kernel,
             "mode": self.mode,
             "learn_threshold": self.learn_threshold,
             "learn_decay": self.learn_decay,
             "target_rate": self.target_rate,
             "homeostasis": self.homeostasis,
+            "coding": self.coding,
+            "ternary": self.ternary,
         }
 
     @classmethod
@@ -181,6 +219,9 @@ class StudentConfig:
         if "vocab_size" not in arch and "vocab_size" in meta:
             arch["vocab_size"] = meta["vocab_size"]
         _check("vocab_size" in arch, "metadata has no vocab_size; it cannot describe a student")
+        # keys added later: what the student was before they existed, whatever today's default is
+        snn.setdefault("mode", "hybrid")
+        snn.setdefault("coding", "temporal")
         renames = {"surrogate_type": "surrogate", "spike_threshold": "threshold"}
         for k, v in snn.items():
             arch[renames.get(k, k)] = v
@@ -215,6 +256,7 @@ class TrainConfig:
     pack: bool = False
     held_out_fraction: float = 0.05
     loss_chunk_tokens: int = 1024
+    fused_loss: str = "auto"  # --fused-loss: auto | compile | eager | liger (fused_loss.py)
     teacher_cache: str | None = None
     teacher_cache_topk: int = 64
     teacher_dtype: str = "auto"
@@ -263,6 +305,10 @@ class TrainConfig:
         )
         _check(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
         _check(self.loss_chunk_tokens >= 1, "loss chunk size must be positive")
+        _check(
+            self.fused_loss in FUSED_LOSSES,
+            f"--fused-loss must be one of {', '.join(FUSED_LOSSES)}, got {self.fused_loss!r}",
+        )
         _check(
             self.teacher_cache_topk >= 1,
             f"--teacher-cache-topk must be positive, got {self.teacher_cache_topk}",

@@ -55,6 +55,7 @@ from .distributed import (
     wrap_for_training,
 )
 from .failures import is_out_of_memory, out_of_memory_message
+from .fused_loss import resolve_fused_loss
 from .losses import TeacherTargets, chunked_distill_loss, token_weights
 from .precision import (
     autocast_dtype,
@@ -157,9 +158,16 @@ def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 
 def teacher_targets(
-    teacher: Teacher, input_ids: torch.Tensor, mask: torch.Tensor, temperature: float, chunk: int = 1024
+    teacher: Teacher,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    chunk: int = 1024,
+    raw: bool = False,
 ) -> TeacherTargets:
     """Log-probabilities at the distillation temperature for the real tokens only: [N_real, V] fp32.
+    `raw`: the teacher's logits of those tokens as they are (teacher dtype, no copy for packed text);
+    the loss takes their log-softmax chunk by chunk (`TeacherTargets.raw`).
 
     Converted `chunk` rows at a time: besides the logits (teacher dtype) and the fp32 result, only a
     [chunk, V] block is alive (a 3B teacher's [N, V] fp32 copies are a GiB each)."""
@@ -168,6 +176,8 @@ def teacher_targets(
     keep = mask.reshape(-1).bool().to(logits.device)
     rows = keep.nonzero().squeeze(1)
     dense = rows.numel() == flat.shape[0]  # packed text: every row is real, slice instead of gathering
+    if raw:
+        return TeacherTargets(flat if dense else flat[rows], raw=True)
     out = torch.empty((rows.numel(), flat.shape[-1]), dtype=torch.float32, device=logits.device)
     for i in range(0, rows.numel(), chunk):
         dst = out[i : i + chunk]
@@ -256,6 +266,7 @@ def distill_step(
                 ce_w=None if labels is None else torch.full((n,), cw, device=device),
                 hard_weight=cfg.hard_label_weight,
                 chunk=cfg.loss_chunk_tokens,
+                fused=cfg.fused_loss,
             )
             del tgt
             # DDP averages gradients over ranks; the loss is already a share of the global mean.
@@ -401,6 +412,10 @@ class DistillRecipe:
         self.dctx = init_distributed(device)
         self.device = local_device(device, self.dctx)
         configure_matmul_precision(self.device)  # TF32 for the loss's fp32 matmuls on CUDA
+        try:  # --fused-loss liger without CUDA or Liger Kernel: say so before loading anything
+            resolve_fused_loss(cfg.fused_loss, self.device)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         self.amp_dtype = autocast_dtype(self.device)
         self.scaler = grad_scaler(self.device, self.amp_dtype)  # enabled for fp16 autocast only
         quiet_other_ranks(self.dctx)
@@ -614,7 +629,7 @@ class DistillRecipe:
                 if self._on_policy(k):  # the student's own reply, the live teacher's targets on it
                     ids, mask, starts = self.on_policy_batch(starts, k)
                     make = functools.partial(
-                        teacher_targets, self.teacher, ids, mask, cfg.temperature, cfg.loss_chunk_tokens
+                        teacher_targets, self.teacher, ids, mask, cfg.temperature, cfg.loss_chunk_tokens, raw=True
                     )
                     micro.append((ids, mask, make))
                     self.loss_masks.append(response_loss_mask(starts, mask))
@@ -624,9 +639,9 @@ class DistillRecipe:
                 self.loss_masks.append(None)
             if self.cached is not None:  # block ids of the rows: the cache's keys
                 make = functools.partial(self.cached, ids, mask, self.batcher.last_indices)
-            else:
+            else:  # raw logits: their log-softmax happens inside the loss's chunk kernel
                 make = functools.partial(
-                    teacher_targets, self.teacher, ids, mask, cfg.temperature, cfg.loss_chunk_tokens
+                    teacher_targets, self.teacher, ids, mask, cfg.temperature, cfg.loss_chunk_tokens, raw=True
                 )
             micro.append((ids, mask, make))
         return micro
@@ -921,6 +936,7 @@ class DistillRecipe:
             "dataset": cfg.dataset_path or cfg.dataset,
             "max_length": cfg.max_length,
             "kd_loss": cfg.kd_loss,
+            "fused_loss": cfg.fused_loss,
             "hard_label_weight": cfg.hard_label_weight,
             "seed": cfg.seed,
             "device": str(self.device),

@@ -3,8 +3,8 @@
 Every weight matmul of the student goes through `F.linear`; `MatmulCounter` watches each call during
 an evaluation forward and looks at the operand it really received:
 
-- a spike code (every value an integer in 0..T: binary spikes per timestep, or per-token spike
-  counts) costs one accumulate (AC) per spike and output: `sum(input) * fan_out`;
+- a spike code (every value an integer in -T..T: binary or ternary spikes per timestep, or per-token
+  spike counts) costs one accumulate (AC) per spike and output: `sum(|input|) * fan_out`;
 - anything else costs a multiply-accumulate (MAC) per input value and output: `numel(input) * fan_out`.
 
 The ANN twin (same weights, one timestep, no spikes) applies each weight matmul once per token:
@@ -16,6 +16,10 @@ per token, for one block (H heads, hd head size, c = mean attended positions, T 
     softmax                  MAC  T * H * c                        MAC  H * c
     weights . V              AC   T * H * c * hd * r_v             MAC  H * c * hd
     LIF membrane updates     MAC  T * neurons                      -
+
+A count-coded student (`coding = "count"`, see counting.py) reads count vectors in 0..T: a score
+q . k counts the coinciding spike pairs (t, t') of the two expanded trains, T^2 * 2 hd * r_q * r_k
+accumulates per score instead of T * 2 hd * r_q * r_k, and its softmax runs once per token, not T times.
 
 RoPE rotates each 2-d pair of the binary Q and K vectors, so q_rot . k_rot is a sum, over pairs of
 coinciding spikes, of fixed cos/sin coefficients: one accumulate per coinciding pair (Q and K spikes
@@ -47,12 +51,13 @@ HEAD = "lm_head"
 
 
 def is_spike_code(x: torch.Tensor, max_count: int) -> bool:
-    """True when every value of x is an integer in 0..max_count (binary spikes or spike counts)."""
+    """True when every value of x is an integer in -max_count..max_count (binary or ternary spikes,
+    or spike counts)."""
     if not x.is_floating_point():
         return False
     if x.numel() == 0:
         return True
-    return bool(((x >= 0) & (x <= max_count) & (x == torch.round(x))).all())
+    return bool(((x.abs() <= max_count) & (x == torch.round(x))).all())
 
 
 @dataclass
@@ -101,7 +106,7 @@ class MatmulCounter(TorchFunctionMode):
             rec = self.ops.setdefault(self._name(w), MatmulOps(fan_in=fan_in, fan_out=fan_out))
             if is_spike_code(x, self.max_count):
                 rec.spike_calls += 1
-                rec.ac += float(x.sum(dtype=torch.float64)) * fan_out
+                rec.ac += float(x.abs().sum(dtype=torch.float64)) * fan_out  # a -1 spike: one subtract
             else:
                 rec.real_calls += 1
                 rec.mac += float(x.numel()) * fan_out
@@ -114,6 +119,8 @@ def _attention_and_neurons(
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Per-token (spiking AC, spiking MAC, ANN MAC) for attention and the LIF updates (table above)."""
     h, hd, c, t = cfg.num_heads, cfg.head_dim, float(mean_context), timesteps
+    pairs = t * t if cfg.count_coded else t  # timestep pairs whose spikes meet in a score
+    passes = 1 if cfg.count_coded else t
     snn_ac = {"scores": 0.0, "attn_values": 0.0}
     snn_mac = {"softmax": 0.0, "lif_updates": 0.0}
     ann = {
@@ -125,9 +132,9 @@ def _attention_and_neurons(
         return {}, {}, ann
     for i in range(cfg.depth):
         qkv = layers.get(f"blocks.{i}.attn.qkv", {})
-        snn_ac["scores"] += t * h * c * 2 * hd * qkv.get("rate_q", 0.0) * qkv.get("rate_k", 0.0)
+        snn_ac["scores"] += pairs * h * c * 2 * hd * qkv.get("rate_q", 0.0) * qkv.get("rate_k", 0.0)
         snn_ac["attn_values"] += t * h * c * hd * qkv.get("rate_v", 0.0)
-        snn_mac["softmax"] += t * h * c
+        snn_mac["softmax"] += passes * h * c
     snn_mac["lif_updates"] = float(t * sum(e["neurons"] for e in layers.values()))
     return snn_ac, snn_mac, ann
 

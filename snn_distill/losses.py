@@ -5,7 +5,8 @@ backward pass (logits, log-softmax, probabilities, their gradients). `chunked_di
 projects a chunk of tokens to logits, computes the loss and its gradient w.r.t. those logits at once,
 and immediately folds that gradient back into d(hidden) and d(lm_head weight) (the idea of fused
 linear-cross-entropy kernels); only one [chunk, V] block lives at a time, and the autograd backward
-just scales the stored gradients.
+just scales the stored gradients. For the default forward KL the per-chunk kernel (both log-softmaxes,
+the KL and its gradient) is `torch.compile`d, or Liger Kernel's on CUDA (`fused_loss.py`, --fused-loss).
 
 Targets from the teacher are either full log-probabilities [N, V] (a live teacher), or the top-k
 log-probabilities with indices [N, k] from the logit cache. With top-k targets the teacher keeps the
@@ -29,6 +30,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused_loss import COMPILED, CompiledKL, liger_forward_kl, resolve_fused_loss
+from .fused_loss import log1mexp as _log1mexp
+
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
@@ -40,24 +44,38 @@ class TeacherTargets:
     Top-k: `logprobs` [N, k] and `indices` [N, k] (int64); `tail` [N] is the log of the remaining mass
     (computed from the full distribution, as the logit cache stores it), or None: then it is taken as
     log(1 - sum(exp(logprobs))).
+    Raw (`raw` True, full only): `logprobs` [N, V] holds the teacher's logits (any float dtype, no
+    temperature applied); the loss takes their log-softmax at T chunk by chunk, which saves an [N, V]
+    pass and an fp32 [N, V] buffer.
     """
 
     logprobs: torch.Tensor
     indices: torch.Tensor | None = None
     tail: torch.Tensor | None = None
+    raw: bool = False
+
+    def __post_init__(self) -> None:
+        assert not (self.raw and self.indices is not None), "raw teacher logits are full targets"
 
     def __getitem__(self, sl: slice) -> TeacherTargets:
         return TeacherTargets(
             self.logprobs[sl],
             None if self.indices is None else self.indices[sl],
             None if self.tail is None else self.tail[sl],
+            self.raw,
         )
+
+    def resolved(self, temperature: float, dtype: torch.dtype = torch.float32) -> TeacherTargets:
+        """These targets as log-probabilities (raw logits: log_softmax(logits / T) in `dtype`)."""
+        if not self.raw:
+            return self
+        return TeacherTargets(torch.log_softmax(self.logprobs.to(dtype) / temperature, dim=-1))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TeacherTargets:
         """On `device`; non_blocking copies overlap with compute when the tensors are in pinned memory."""
         idx = None if self.indices is None else self.indices.to(device, non_blocking=non_blocking)
         tail = None if self.tail is None else self.tail.to(device, non_blocking=non_blocking)
-        return TeacherTargets(self.logprobs.to(device, non_blocking=non_blocking), idx, tail)
+        return TeacherTargets(self.logprobs.to(device, non_blocking=non_blocking), idx, tail, self.raw)
 
 
 def token_weights(
@@ -69,12 +87,6 @@ def token_weights(
     if keep is None:
         return torch.full((n,), scale, device=device)
     return keep.to(device=device, dtype=torch.float32) * scale
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable on both ends."""
-    x = x.clamp(max=-1e-7)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def _binned(student_logp: torch.Tensor, targets: TeacherTargets) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +108,7 @@ def kd_per_token(
 ) -> torch.Tensor:
     """Reference distillation loss per token (differentiable, T^2-scaled). logits [n, V] -> [n]."""
     logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
+    targets = targets.resolved(temperature, logits.dtype)
     s_logp, t_logp = _binned(F.log_softmax(logits / temperature, dim=-1), targets)
     if kind == "forward_kl":
         loss = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
@@ -167,6 +180,24 @@ def _forward_kl_lean(
     return kd * temperature**2, grad
 
 
+def _lean_kernel(
+    z: torch.Tensor,
+    targets: TeacherTargets,
+    temperature: float,
+    fused: str,
+    p_out: torch.Tensor | None,
+    t_out: torch.Tensor | None,
+    compiled: CompiledKL = COMPILED,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_forward_kl_lean`'s result for logits z [n, V] (may be overwritten): from the compiled kernel when
+    `fused` is "compile" and it compiles, else from the eager one."""
+    if fused == "compile":
+        out = compiled.run(z, targets, temperature)
+        if out is not None:
+            return out[0] * temperature**2, out[1]
+    return _forward_kl_lean(z, targets.resolved(temperature, z.dtype), temperature, p_out=p_out, t_out=t_out)
+
+
 def _chunk_loss_and_grad(
     z: torch.Tensor,
     targets: TeacherTargets,
@@ -224,9 +255,23 @@ def _chunk_loss_and_grad(
 class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, t_logprobs, t_indices, t_tail, labels, tok_w, ce_w, kind, temperature, hard_weight, chunk
+        ctx,
+        hidden,
+        weight,
+        t_logprobs,
+        t_indices,
+        t_tail,
+        labels,
+        tok_w,
+        ce_w,
+        kind,
+        temperature,
+        hard_weight,
+        chunk,
+        t_raw,
+        fused,
     ):
-        targets = TeacherTargets(t_logprobs, t_indices, t_tail)
+        targets = TeacherTargets(t_logprobs, t_indices, t_tail, t_raw)
         n = hidden.shape[0]
         grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
         # Accumulate in fp32 at least (bf16 activations on GPU), in fp64 when given fp64.
@@ -237,11 +282,13 @@ class _ChunkedDistill(torch.autograd.Function):
         ce_total = total.clone()
         w32 = weight.to(acc)
         lean = kind == "forward_kl" and hard_weight == 0  # the default: closed form, fewest [c, V] passes
+        pbuf = tbuf = None  # the compiled kernel allocates G; an eager fallback allocates its own
         if lean and n > 0:  # [c, V] work buffers, reused by every chunk
             shape = (min(chunk, n), weight.shape[0])
             zbuf = torch.empty(shape, dtype=acc, device=hidden.device)
-            pbuf = torch.empty(shape, dtype=acc, device=hidden.device)
-            tbuf = torch.empty(shape, dtype=acc, device=hidden.device) if t_indices is None else None
+            if fused != "compile":
+                pbuf = torch.empty(shape, dtype=acc, device=hidden.device)
+                tbuf = torch.empty(shape, dtype=acc, device=hidden.device) if t_indices is None else None
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
             h = hidden[sl].to(acc)
@@ -250,8 +297,9 @@ class _ChunkedDistill(torch.autograd.Function):
             if lean:
                 z = torch.mm(h, w32.t(), out=zbuf[:c])  # [c, V]
                 # d(loss)/dz = G * (T * tok_w) per row: the row scale goes onto the [c, D] operands
+                pb = None if pbuf is None else pbuf[:c]
                 tb = None if tbuf is None else tbuf[:c]
-                kd_tok, g = _forward_kl_lean(z, targets[sl], temperature, p_out=pbuf[:c], t_out=tb)
+                kd_tok, g = _lean_kernel(z, targets[sl], temperature, fused, pb, tb)
                 del z
                 kd = (kd_tok * tw).sum()
                 t, ce = kd, kd.new_zeros(())
@@ -261,7 +309,8 @@ class _ChunkedDistill(torch.autograd.Function):
                 z = F.linear(h, w32)  # [c, V]; F.linear: hooks and profilers see the head matmul
                 lab = None if labels is None else labels[sl]
                 cw = None if ce_w is None else ce_w[sl]
-                t, kd, ce, g = _chunk_loss_and_grad(z, targets[sl], lab, tw, cw, kind, temperature, hard_weight)
+                tgt = targets[sl].resolved(temperature, acc)
+                t, kd, ce, g = _chunk_loss_and_grad(z, tgt, lab, tw, cw, kind, temperature, hard_weight)
                 del z
                 row, g_h = None, h
             total += t
@@ -284,7 +333,7 @@ class _ChunkedDistill(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * g_total
         gw = None if grad_w is None else grad_w * g_total
-        return gh, gw, None, None, None, None, None, None, None, None, None, None
+        return gh, gw, *([None] * 13)
 
 
 def chunked_distill_loss(
@@ -299,6 +348,7 @@ def chunked_distill_loss(
     ce_w: torch.Tensor | None = None,
     hard_weight: float = 0.0,
     chunk: int = 1024,
+    fused: str = "eager",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted distillation loss over N tokens without materialising [N, V] for the backward.
 
@@ -307,11 +357,20 @@ def chunked_distill_loss(
     labels [N] next-token ids (-1 where none) with ce_w [N] weights for the hard-label term.
     Returns (loss, kd_sum, ce_sum): loss = (1 - hard_weight) * kd_sum + hard_weight * ce_sum,
     where kd_sum and ce_sum are the weighted sums (for logging).
+    `fused` picks the forward-KL chunk kernel (`fused_loss.FUSED_LOSS_MODES`; training passes
+    --fused-loss, default auto); the other losses and hard labels always run the eager chunk code.
     """
     if kind not in KD_KINDS:
         raise ValueError(f"unknown kd loss {kind!r}; choose one of {', '.join(KD_KINDS)}")
     if hard_weight > 0 and (labels is None or ce_w is None):
         raise ValueError("hard_weight > 0 needs labels and ce_w")
+    mode = resolve_fused_loss(fused, hidden.device)
+    if mode == "liger":
+        if kind == "forward_kl" and hard_weight == 0 and targets.indices is None:
+            loss = liger_forward_kl(hidden.float(), weight.float(), targets, tok_w, temperature)
+            kd = loss.detach()
+            return loss, kd, kd.new_zeros(())
+        mode = "compile"  # top-k targets, other losses: the compiled kernel (or the eager code)
     return _ChunkedDistill.apply(
         hidden,
         weight,
@@ -325,6 +384,8 @@ def chunked_distill_loss(
         float(temperature),
         float(hard_weight),
         int(chunk),
+        targets.raw,
+        mode,
     )
 
 

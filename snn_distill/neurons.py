@@ -17,17 +17,26 @@ Everything here is stateless: membrane state lives only inside one call, and the
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .config import LIF_KERNELS
+
+log = logging.getLogger(__name__)
+
 __all__ = [
     "DEFAULT_SLOPES",
     "LIF",
+    "LIF_KERNELS",
     "LIFMultiStep",
+    "TernaryLIF",
+    "LIFMultiStepCompiled",
     "SURROGATES",
     "ArctanSpike",
     "FastSigmoidSpike",
@@ -55,37 +64,39 @@ DEFAULT_SLOPES: dict[str, float] = {
 
 # --- surrogate derivatives ------------------------------------------------------------------------
 # Each `_d_*` can write into `out` (which may be x itself) so the fused LIF turns x into sg in place,
-# without temporaries. The op sequence is the same with or without `out`, so the fused kernel and the
-# per-step surrogate backward produce bit-identical values.
+# without temporaries; with out=None every op returns a new tensor (functional code, which the
+# compiled LIF needs: inductor keeps in-place updates of temporaries as extra stores). The op sequence
+# is the same either way, so the fused kernel and the per-step surrogate backward produce
+# bit-identical values.
 
 
 def _d_sigmoid(x: Tensor, k: float, out: Tensor | None = None) -> Tensor:
-    out = torch.mul(x, k, out=out)
-    out.sigmoid_()
-    out.addcmul_(out, out, value=-1.0)  # s - s*s == s * (1 - s), one pass instead of two
-    return out.mul_(k)
+    y = torch.mul(x, k, out=out)
+    y = torch.sigmoid(y, out=out)
+    y = torch.addcmul(y, y, y, value=-1.0, out=out)  # s - s*s == s * (1 - s), one pass instead of two
+    return torch.mul(y, k, out=out)
 
 
 def _d_fast_sigmoid(x: Tensor, k: float, out: Tensor | None = None) -> Tensor:
-    out = torch.abs(x, out=out)
-    torch.add(x.new_ones(()), out, alpha=k, out=out)  # 1 + k|x|
-    return out.pow_(-2)
+    y = torch.abs(x, out=out)
+    y = torch.add(x.new_ones(()), y, alpha=k, out=out)  # 1 + k|x|
+    return torch.pow(y, -2, out=out)
 
 
 def _d_triangular(x: Tensor, k: float, out: Tensor | None = None) -> Tensor:
-    out = torch.abs(x, out=out)
-    torch.sub(x.new_ones(()), out, alpha=k, out=out)  # 1 - k|x|
-    return out.clamp_min_(0.0)
+    y = torch.abs(x, out=out)
+    y = torch.sub(x.new_ones(()), y, alpha=k, out=out)  # 1 - k|x|
+    return torch.clamp_min(y, 0.0, out=out)
 
 
 def _d_arctan(x: Tensor, alpha: float, out: Tensor | None = None) -> Tensor:
     c = math.pi / 2.0 * alpha
     one = x.new_ones(())  # 0-dim, broadcast: lets addcmul add the constant without a ones tensor
-    out = torch.addcmul(one, x, x, value=c * c, out=out)  # 1 + (c x)^2 in one pass
-    out.reciprocal_()
+    y = torch.addcmul(one, x, x, value=c * c, out=out)  # 1 + (c x)^2 in one pass
+    y = torch.reciprocal(y, out=out)
     if alpha != 2.0:  # alpha / 2 == 1 at the default: skip a pass
-        out.mul_(alpha / 2.0)
-    return out
+        y = torch.mul(y, alpha / 2.0, out=out)
+    return y
 
 
 _DERIVATIVES = {
@@ -288,13 +299,16 @@ def lif_margin(current: Tensor, decay: float | Tensor, threshold: float | Tensor
 
 
 def calibrate_threshold(
-    current: Tensor, decay: float | Tensor, target_rate: float, lo: float = 1e-2, hi: float = 1e2, iters: int = 24
+    current: Tensor, decay: float | Tensor, target_rate: float, lo: float = 1e-2, hi: float = 1e2, iters: int = 12
 ) -> Tensor:
     """Per-channel threshold [F] at which each channel of current [T, N..., F] fires at `target_rate`.
 
     Bisection in log space (the rate falls monotonically as the threshold rises); a channel that
     cannot reach the rate even at `lo` gets `lo`. Data-dependent initialisation, as Glow's ActNorm:
-    it starts every neuron firing, whatever the scale of its input current.
+    it starts every neuron firing, whatever the scale of its input current. 12 halvings leave a
+    bracket 0.2 % wide: more would park θ within float noise of a membrane value of the calibration
+    batch, and a token seen there again would then flip between equal computations (full pass vs
+    cached decoding) on rounding alone.
     """
     f = current.shape[-1]
     flat = current.detach().float().reshape(current.shape[0], -1, f)  # [T, N, F]
@@ -396,6 +410,171 @@ class LIFMultiStep(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+# --- compiled multi-step LIF ----------------------------------------------------------------------
+# The eager kernels above make several passes over [N] per timestep (memory-bound on CPU).
+# torch.compile (inductor: C++ on CPU, Triton on CUDA) turns the whole T-step recurrence into one
+# loop over the elements that keeps u, s and the running gradient in registers: forward reads the
+# current once and writes the spikes once; backward recomputes the membrane from the saved current
+# and reads the spike gradients once. T stays static (the loop unrolls); the element dims are
+# dynamic and the leak is a 0-dim tensor, so every layer width, batch shape and leak reuses one
+# compile per (T, surrogate, slope).
+
+_COMPILE_DTYPES = (torch.float32, torch.float64)  # inductor computes fp16/bf16 in fp32: spikes would differ
+_COMPILE_ERROR = "could not compile the multi-step LIF ({}); use lif_kernel='fused' (--snn-lif-kernel fused)"
+# a few graphs per run; tests and sweeps over T, surrogates and leaks need more than dynamo's default 8
+_RECOMPILE_LIMIT = 64
+# "auto" compiles from this many elements of current: below it a call costs ~0.1 ms more than the
+# fused kernel (guards, dispatch) and the one-off compile (seconds) would never pay for itself
+AUTO_MIN_ELEMENTS = 1 << 18
+
+
+def _lif_grad_math(
+    current: Tensor, grad_spikes: Tensor, decay: Tensor, theta: Tensor, surrogate: str, slope: float
+) -> Tensor:
+    """The fused backward in functional form: current, grad_spikes [T, ...] -> dL/dcurrent [T, ...].
+
+    Recomputes u - θ with `lif_dynamics`, then g_u[t] = g_s[t] * sg[t] + decay * g_u[t+1].
+    """
+    deriv = _DERIVATIVES[surrogate]
+    sg = [deriv(x, slope) for x, _ in lif_dynamics(current, decay, theta, _fire_inference)]
+    g = grad_spikes[-1] * sg[-1]
+    grads = [g]
+    for t in range(len(sg) - 2, -1, -1):
+        g = grad_spikes[t] * sg[t] + decay * g
+        grads.append(g)
+    return torch.stack(grads[::-1])
+
+
+class _CompiledLIF:
+    """The two compiled kernels, each compiled on first use, plus the fallback state.
+
+    After a failed compilation `broken` holds the reason and the auto kernel uses the fused one
+    from then on (one warning); an explicit lif_kernel="compiled" raises instead.
+    """
+
+    def __init__(self) -> None:
+        self.broken: str | None = None
+        self._fns: dict[str, Callable] = {}
+        self._seen: set[tuple[str, str]] = set()
+
+    def call(self, name: str, fn: Callable, key: str, *args):
+        """Run compiled `fn(*args)`; tensor args are [T, M, F] (M, F dynamic), θ [F] or 0-dim.
+
+        `key` names the graph (what it is specialised on) for the one-off compile-time log line.
+        """
+        if name not in self._fns:
+            self._fns[name] = torch.compile(fn, fullgraph=True)
+        for a in args:
+            if isinstance(a, Tensor):
+                for d in range(a.dim() - 2 if a.dim() == 3 else 0, a.dim()):
+                    torch._dynamo.maybe_mark_dynamic(a, d)
+        t0 = time.perf_counter()
+        # no_grad: one graph for the forward (run inside autograd.Function, where grad is off) and
+        # for no-grad calls; the limit: see _RECOMPILE_LIMIT
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            out = self._fns[name](*args)
+        if (name, key) not in self._seen:
+            self._seen.add((name, key))
+            secs = time.perf_counter() - t0
+            log.info("LIF: compiled the %s kernel (%s) in %.1f s (paid once per run)", name, key, secs)
+        return out
+
+    def failed(self, e: Exception, strict: bool) -> None:
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if strict:
+            raise RuntimeError(_COMPILE_ERROR.format(reason)) from e
+        if self.broken is None:
+            self.broken = reason
+            log.warning("LIF: torch.compile failed (%s); using the fused eager LIF kernel", reason)
+
+
+_COMPILED = _CompiledLIF()  # one per process: each kernel compiles once per run
+
+
+def _compiled_spikes(current: Tensor, decay: float, threshold: float | Tensor) -> tuple[Tensor, ...]:
+    """Compiled `lif_inference`: current [T, ..., F] -> (spikes [T, ..., F], its [T, M, F] view, θ [F],
+    decay []).
+
+    θ and decay come back as tensors of the current's dtype (the same rounding as the loop's Python
+    floats); θ as a copy: homeostasis updates the buffer in place before backward reads it.
+    """
+    f = current.shape[-1] if current.dim() > 1 else 1
+    seq = current.reshape(current.shape[0], -1, f).contiguous()  # one layout: one graph
+    if isinstance(threshold, Tensor):
+        theta = threshold.detach().to(current.device, current.dtype).expand(f).clone()
+    else:
+        theta = torch.full((f,), threshold, dtype=current.dtype, device=current.device)
+    decay_t = torch.tensor(decay, dtype=current.dtype, device=current.device)
+    spikes = _COMPILED.call("spikes", lif_inference, f"T={current.shape[0]}", seq, decay_t, theta)
+    return spikes.view(current.shape), seq, theta, decay_t
+
+
+class LIFMultiStepCompiled(torch.autograd.Function):
+    """Compiled multi-step LIF: `apply(current, decay, threshold, surrogate, slope, strict)`.
+
+    current [T, ...] (float32/64) -> spikes [T, ...]. Saves the input current (no copy when it is
+    contiguous) and a [F] copy of θ; backward recomputes the membrane in the compiled
+    `_lif_grad_math`. If that fails to compile, backward runs it eagerly (or raises when strict).
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, current: Tensor, decay: float, threshold: float | Tensor, surrogate: str, slope: float, strict: bool
+    ) -> Tensor:
+        spikes, seq, theta, decay_t = _compiled_spikes(current, decay, threshold)
+        ctx.save_for_backward(seq, theta, decay_t)
+        ctx.args = (surrogate, slope, strict)
+        return spikes
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_spikes: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        seq, theta, decay = ctx.saved_tensors
+        surrogate, slope, strict = ctx.args
+        # contiguous: a broadcast gradient (e.g. of a sum over T) would otherwise compile its own graph
+        args = (seq, grad_spikes.reshape(seq.shape).contiguous(), decay, theta, surrogate, slope)
+        key = f"T={seq.shape[0]}, {surrogate} surrogate, slope {slope}"
+        grad = None
+        if strict or not _COMPILED.broken:
+            try:
+                grad = _COMPILED.call("grad", _lif_grad_math, key, *args)
+            except Exception as e:  # noqa: BLE001 (inductor raises many types: no compiler, unsupported op, ...)
+                _COMPILED.failed(e, strict)
+        if grad is None:  # the same math, eager
+            grad = _lif_grad_math(*args)
+        return grad.view(grad_spikes.shape), None, None, None, None, None
+
+
+def _not_compilable(current: Tensor, threshold: float | Tensor) -> str | None:
+    """Why the compiled kernel cannot take this call, or None."""
+    if current.dtype not in _COMPILE_DTYPES:
+        return f"it needs a float32/float64 current, got {current.dtype}"
+    if isinstance(threshold, Tensor) and (threshold.dim() > 1 or threshold.numel() not in (1, current.shape[-1])):
+        return f"it needs a scalar or per-channel [F] threshold, got shape {tuple(threshold.shape)}"
+    return None
+
+
+def _run_compiled(
+    current: Tensor, decay: float, threshold: float | Tensor, surrogate: str, slope: float, strict: bool
+) -> Tensor | None:
+    """Spikes from the compiled kernel, or None where auto (not strict) should use the fused kernel."""
+    reason = _not_compilable(current, threshold)
+    if strict and reason:
+        raise ValueError(f"lif_kernel='compiled' cannot run this LIF: {reason}; use lif_kernel='fused'")
+    if not strict and (reason or _COMPILED.broken or current.numel() < AUTO_MIN_ELEMENTS):
+        return None
+    if torch.compiler.is_compiling():
+        return None  # inside an outer torch.compile the fused kernel is traced and fused there
+    try:
+        if torch.is_grad_enabled() and current.requires_grad:
+            return LIFMultiStepCompiled.apply(current, decay, threshold, surrogate, slope, strict)
+        return _compiled_spikes(current, decay, threshold)[0]
+    except Exception as e:  # noqa: BLE001 (inductor raises many types: no compiler, unsupported op, ...)
+        _COMPILED.failed(e, strict)
+        return None
+
+
 def lif_multistep(
     current: Tensor,
     *,
@@ -404,21 +583,31 @@ def lif_multistep(
     surrogate: str = "sigmoid",
     slope: float | None = None,
     fused: bool = True,
+    kernel: str = "auto",
 ) -> Tensor:
     """LIF over the leading time axis: current [T, ...] -> spikes [T, ...] (same dtype, 0/1).
 
-    fused=True uses `LIFMultiStep` (fast, saves one tensor); fused=False the per-step reference.
-    Without grad the fused path only runs the recurrence and keeps nothing for backward. A learnable
-    (grad-requiring) threshold or a tensor decay takes the reference loop, whose autograd gives their
-    gradients.
+    kernel (one of `LIF_KERNELS`): "compiled" is `LIFMultiStepCompiled` (torch.compile, one loop over
+    the elements; raises if it cannot compile); "fused" is `LIFMultiStep` (eager, in place, saves one
+    tensor); "loop" the per-step reference; "auto" is compiled for a float32/64 current of at least
+    `AUTO_MIN_ELEMENTS` elements when it compiles, else fused (one warning after a failed compile).
+    fused=False means the loop, whatever the kernel. Without grad the fast kernels only run the
+    recurrence and keep nothing for backward. A learnable (grad-requiring) threshold or a tensor
+    decay takes the reference loop, whose autograd gives their gradients.
     """
     k = _resolve(surrogate, slope)
     _check_current(current)
+    if kernel not in LIF_KERNELS:
+        raise ValueError(f"unknown LIF kernel {kernel!r}; valid kernels: {', '.join(LIF_KERNELS)}")
     learnable = isinstance(decay, Tensor) or (isinstance(threshold, Tensor) and threshold.requires_grad)
-    if not fused or (learnable and torch.is_grad_enabled()):
+    if not fused or kernel == "loop" or (learnable and torch.is_grad_enabled()):
         return lif_multistep_loop(current, decay=decay, threshold=threshold, surrogate=surrogate, slope=k)
     if isinstance(decay, Tensor):  # no grad: plain ops
         return lif_inference(current, decay, threshold)
+    if kernel != "fused":
+        spikes = _run_compiled(current, decay, threshold, surrogate, k, strict=kernel == "compiled")
+        if spikes is not None:
+            return spikes
     if torch.is_grad_enabled() and current.requires_grad:
         return LIFMultiStep.apply(current, decay, threshold, surrogate, k)
     return _lif_forward(current, decay, threshold, surrogate, k, save_sg=False)[0]
@@ -459,11 +648,13 @@ class LIF(torch.nn.Module):
         slope: float | None = None,
         fused: bool = True,
         *,
+        kernel: str = "auto",
         channels: int | None = None,
         learn_threshold: bool = False,
         learn_decay: bool = False,
         target_rate: float | None = None,
         homeostasis: float = 0.0,
+        count: bool = False,
     ) -> None:
         super().__init__()
         if int(num_timesteps) < 1:
@@ -472,11 +663,17 @@ class LIF(torch.nn.Module):
         if channels is None and (learn_threshold or learn_decay or target_rate is not None):
             raise ValueError("a learnable or calibrated LIF needs `channels` (its feature count)")
         self.num_timesteps = int(num_timesteps)
+        if count and (learn_threshold or learn_decay):
+            raise ValueError("a count-coded LIF keeps its threshold and leak fixed (calibrated, not learned)")
+        self.count = bool(count)  # count-coded: x is one current per token, the output its spike counts
         self.decay = float(decay)
         self.threshold = float(threshold)
         self.surrogate = surrogate
         self.slope = None if slope is None else float(slope)
         self.fused = bool(fused)
+        if kernel not in LIF_KERNELS:
+            raise ValueError(f"unknown LIF kernel {kernel!r}; valid kernels: {', '.join(LIF_KERNELS)}")
+        self.kernel = kernel  # lif_multistep's kernel (fused=False: the loop, whatever this says)
         self.target_rate = target_rate
         if homeostasis < 0 or (homeostasis > 0 and target_rate is None):
             raise ValueError("homeostasis needs a target_rate and a rate >= 0")
@@ -513,7 +710,10 @@ class LIF(torch.nn.Module):
         return self.decay if self.decay_logit is None else torch.sigmoid(self.decay_logit)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [T*B, ...] -> spikes [T*B, ...] of the same dtype."""
+        """x [T*B, ...] -> spikes [T*B, ...] of the same dtype; count-coded: x [B, ...] -> counts
+        [B, ...] in 0..T."""
+        if self.count:
+            return self._forward_counts(x)
         T = self.num_timesteps
         if not torch.compiler.is_compiling() and x.shape[0] % T != 0:
             raise ValueError(f"leading dim {x.shape[0]} is not a multiple of num_timesteps={T}")
@@ -526,7 +726,13 @@ class LIF(torch.nn.Module):
         decay, threshold = self.decay_value(), self.threshold_value()
         if torch.is_grad_enabled() and x.requires_grad:
             spikes = lif_multistep(
-                seq, decay=decay, threshold=threshold, surrogate=self.surrogate, slope=self.slope, fused=self.fused
+                seq,
+                decay=decay,
+                threshold=threshold,
+                surrogate=self.surrogate,
+                slope=self.slope,
+                fused=self.fused,
+                kernel=self.kernel,
             )
         elif self.record_margin and not torch.compiler.is_exporting():
             spikes, self.last_margin = lif_margin(seq, decay, threshold)
@@ -540,6 +746,31 @@ class LIF(torch.nn.Module):
         if not torch.compiler.is_exporting():
             self._record(out.detach())
         return out
+
+    def _forward_counts(self, x: Tensor) -> Tensor:
+        """Count-coded forward (counting.py): currents [B, ..., F] -> spike counts [B, ..., F]."""
+        from .counting import count_spikes, count_spikes_margin, lif_counts
+
+        T = self.num_timesteps
+        if x.dtype in (torch.float16, torch.bfloat16):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward_counts(x.float()).to(x.dtype)
+        if self.per_channel and self.training and not bool(self.calibrated):
+            self._calibrate(x.detach().unsqueeze(0).expand(T, *x.shape))
+        decay, threshold = self.decay_value(), self.threshold_value()
+        if torch.is_grad_enabled() and x.requires_grad:
+            counts = lif_counts(
+                x, decay=decay, threshold=threshold, timesteps=T, surrogate=self.surrogate, slope=self.slope
+            )
+        elif self.record_margin and not torch.compiler.is_exporting():
+            counts, self.last_margin = count_spikes_margin(x, decay, threshold, T)
+        else:
+            counts = count_spikes(x, decay, threshold, T)
+        if self.homeostasis and self.training and torch._C._current_graph_task_id() == -1:
+            self._adapt(counts.detach() / T)
+        if not torch.compiler.is_exporting():
+            self._record(counts.detach(), steps=T)
+        return counts
 
     @torch.no_grad()
     def _calibrate(self, seq: Tensor) -> None:
@@ -559,14 +790,15 @@ class LIF(torch.nn.Module):
             rate /= torch.distributed.get_world_size()
         self.theta.mul_(torch.exp(self.homeostasis * (rate - self.target_rate)).to(self.theta.dtype))
 
-    def _record(self, spikes: Tensor) -> None:
-        self.last_spike_rate = spikes.mean(dtype=torch.float32)
+    def _record(self, spikes: Tensor, steps: int = 1) -> None:
+        """spikes: 0/1 per row, or (steps = T) spike counts of T timesteps per row."""
+        self.last_spike_rate = spikes.mean(dtype=torch.float32) / steps
         if self.record_stats:
             feats = spikes.shape[-1]
             counts = spikes.reshape(-1, feats).sum(0, dtype=torch.float64)
             # out-of-place add: works whether either side was made under inference_mode
             self.fire_counts = counts if self.fire_counts is None else self.fire_counts.to(counts) + counts
-            self.num_observations += spikes.numel() // feats
+            self.num_observations += spikes.numel() // feats * steps
 
     def extra_repr(self) -> str:
         slope = DEFAULT_SLOPES[self.surrogate] if self.slope is None else self.slope
@@ -584,3 +816,16 @@ class LIF(torch.nn.Module):
             f"num_timesteps={self.num_timesteps}, decay={self.decay}, threshold={self.threshold}, "
             f"surrogate={self.surrogate}, slope={slope}, fused={self.fused}{extra}"
         )
+
+
+class TernaryLIF(LIF):
+    """Signed spikes for a symmetric input (SpikeLM's ternary spikes): x -> sign(x) * LIF(|x|).
+
+    Spikes (or counts) in -T..T: the neuron fires on the magnitude of its current and the spike
+    carries the current's sign, so a normalised input keeps its negative half. A ternary spike is
+    still one accumulate (an add or a subtract) in the next weight matmul. Thresholds, rates and
+    statistics are those of the magnitude.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sign(x) * super().forward(x.abs())

@@ -26,6 +26,13 @@ Every LIF there has a per-channel threshold, calibrated on the first training ba
 learnable leak). Every weight matmul goes through
 `F.linear`, so profilers, hooks and the energy accounting (energy.py) see each one and its operand.
 
+Count coding (`coding = "count"`, either layout): every layer runs once per token instead of T
+times. The residual stream is x [B, S, D]; each LIF integrates its token's input over the T steps and
+emits spike counts c in 0..T (counting.py: the constant-current LIF, exactly expandable into T
+binary spikes); a weight matmul reads c and scales its output by 1/T (folds into the weight), so it
+sees the token's mean rate, as the temporal model's average over T does. Attention reads Q, K, V as
+rates c/T; the decode cache keeps the counts (uint8, one row per sequence instead of T).
+
 RoPE is applied to the spike vectors, not the currents: a rotation is a fixed linear map, so the
 score between two spike vectors still depends only on their relative position. The decode cache
 keeps keys *before* RoPE (exactly 0/1 for a spiking student) and rotates them when read.
@@ -44,7 +51,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ARCHITECTURE_VERSION, StudentConfig
-from .neurons import LIF
+from .neurons import LIF, TernaryLIF
 
 # One layer's cached keys (before RoPE) and values: ([T*B, Hkv, S_past, hd], [T*B, Hkv, S_past, hd]).
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -59,15 +66,21 @@ def fake_quant_int8(w: torch.Tensor) -> torch.Tensor:
 
 
 class QLinear(nn.Linear):
-    """nn.Linear without bias whose weight is fake-quantized to int8 while training with QAT."""
+    """nn.Linear without bias whose weight is fake-quantized to int8 while training with QAT.
 
-    def __init__(self, in_features: int, out_features: int, qat: bool = False) -> None:
+    `in_scale` multiplies the output (a constant that folds into the weight): 1/T where the input
+    is a count-coded spike code (counts 0..T), so the layer sees the token's mean spike rate.
+    """
+
+    def __init__(self, in_features: int, out_features: int, qat: bool = False, in_scale: float = 1.0) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.qat = qat
+        self.in_scale = float(in_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = fake_quant_int8(self.weight) if self.qat and self.training else self.weight
-        return F.linear(x, w)
+        y = F.linear(x, w)  # the matmul reads x itself (spike counts stay integers for energy.py)
+        return y if self.in_scale == 1.0 else y * self.in_scale
 
 
 class RMSNorm(nn.Module):
@@ -110,12 +123,14 @@ class Attention(nn.Module):
         self.cfg = cfg
         hd, h, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         sd = cfg.spike_driven
-        self.in_lif = _make_lif(cfg, f"{name}.in", cfg.dim) if cfg.spiking and sd else None
-        self.qkv = QLinear(cfg.dim, (h + 2 * hkv) * hd, qat=cfg.qat_int8)
+        sd_scale = _count_scale(cfg) if sd else 1.0
+        self.in_lif = _make_lif(cfg, f"{name}.in", cfg.dim, signed=True) if cfg.spiking and sd else None
+        self.qkv = QLinear(cfg.dim, (h + 2 * hkv) * hd, qat=cfg.qat_int8, in_scale=sd_scale)
         self.lif = _make_lif(cfg, f"{name}.qkv", (h + 2 * hkv) * hd) if cfg.spiking else None
         self.out_norm = RMSNorm(h * hd, cfg.norm_eps) if sd else None
-        self.out_lif = _make_lif(cfg, f"{name}.out", h * hd) if cfg.spiking and sd else None
-        self.proj = QLinear(h * hd, cfg.dim, qat=cfg.qat_int8)
+        self.out_lif = _make_lif(cfg, f"{name}.out", h * hd, signed=True) if cfg.spiking and sd else None
+        self.proj = QLinear(h * hd, cfg.dim, qat=cfg.qat_int8, in_scale=sd_scale)
+        self.code_scale = _count_scale(cfg)  # count-coded Q/K/V: counts -> rates for attention
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: KVCache | None
@@ -136,7 +151,9 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat([past[0].to(k.dtype), k], dim=2)
             v = torch.cat([past[1].to(v.dtype), v], dim=2)
-        present = (k, v)  # keys before RoPE: exactly 0/1 for a spiking student
+        present = (k, v)  # keys before RoPE: exactly 0/1 (count-coded: 0..T) for a spiking student
+        if self.code_scale != 1.0:
+            q, k, v = q * self.code_scale, k * self.code_scale, v * self.code_scale
         k = apply_rope(k, cos, sin)
         if hkv != h:
             k = k.repeat_interleave(h // hkv, dim=1)
@@ -162,9 +179,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: StudentConfig, name: str) -> None:
         super().__init__()
-        self.in_lif = _make_lif(cfg, f"{name}.in", cfg.dim) if cfg.spiking and cfg.spike_driven else None
-        self.up = QLinear(cfg.dim, cfg.hidden_dim, qat=cfg.qat_int8)
-        self.down = QLinear(cfg.hidden_dim, cfg.dim, qat=cfg.qat_int8)
+        self.in_lif = _make_lif(cfg, f"{name}.in", cfg.dim, signed=True) if cfg.spiking and cfg.spike_driven else None
+        up_scale = _count_scale(cfg) if cfg.spike_driven else 1.0
+        self.up = QLinear(cfg.dim, cfg.hidden_dim, qat=cfg.qat_int8, in_scale=up_scale)
+        self.down = QLinear(cfg.hidden_dim, cfg.dim, qat=cfg.qat_int8, in_scale=_count_scale(cfg))
         self.lif = _make_lif(cfg, f"{name}.up", cfg.hidden_dim) if cfg.spiking else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,20 +210,29 @@ class Block(nn.Module):
         return x, present
 
 
-def _make_lif(cfg: StudentConfig, name: str, channels: int) -> LIF:
+def _count_scale(cfg: StudentConfig) -> float:
+    """1/T for a matmul whose input a count-coded LIF makes, else 1."""
+    return 1.0 / cfg.num_timesteps if cfg.count_coded else 1.0
+
+
+def _make_lif(cfg: StudentConfig, name: str, channels: int, signed: bool = False) -> LIF:
+    """signed: a LIF on a normalised (symmetric) input, ternary with `cfg.ternary`."""
     per_channel = cfg.per_channel_neurons
-    lif = LIF(
+    calibrated = cfg.spike_driven or cfg.count_coded
+    lif = (TernaryLIF if signed and cfg.ternary else LIF)(
         num_timesteps=cfg.num_timesteps,
         decay=cfg.decay,
         threshold=cfg.threshold,
         surrogate=cfg.surrogate,
         slope=cfg.surrogate_slope,
         fused=cfg.fused_lif,
+        kernel=cfg.lif_kernel,
         channels=channels if per_channel else None,
         learn_threshold=cfg.learn_threshold,
         learn_decay=cfg.learn_decay,
-        target_rate=cfg.target_rate if cfg.spike_driven else None,
-        homeostasis=cfg.homeostasis if cfg.spike_driven else 0.0,
+        target_rate=cfg.target_rate if calibrated else None,
+        homeostasis=cfg.homeostasis if calibrated else 0.0,
+        count=cfg.count_coded,
     )
     lif.stat_name = name
     return lif
@@ -227,14 +254,19 @@ def unpack_spikes(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float
     return bits.reshape(*packed.shape[:-1], -1)[..., :n].to(dtype)
 
 
-def pack_kv_cache(past: tuple[KVCache, ...]) -> tuple[KVCache, ...]:
-    """A spiking student's cache bit-packed: per layer ([T*B, Hkv, S, hd] 0/1 keys and values) ->
-    uint8 [T*B, Hkv, S, ceil(hd / 8)], 32x smaller than float32."""
+def pack_kv_cache(past: tuple[KVCache, ...], count_coded: bool = False) -> tuple[KVCache, ...]:
+    """A spiking student's cache made compact: per layer ([rows, Hkv, S, hd] keys and values) ->
+    bit-packed uint8 [rows, Hkv, S, ceil(hd / 8)] for 0/1 spikes (32x smaller than float32), or
+    uint8 [rows, Hkv, S, hd] for the spike counts 0..T of a count-coded student (4x smaller)."""
+    if count_coded:
+        return tuple((k.to(torch.uint8), v.to(torch.uint8)) for k, v in past)
     return tuple((pack_spikes(k), pack_spikes(v)) for k, v in past)
 
 
-def unpack_kv_cache(packed: tuple[KVCache, ...], head_dim: int) -> tuple[KVCache, ...]:
-    """Inverse of `pack_kv_cache`: float32 0/1 caches [T*B, Hkv, S, head_dim]."""
+def unpack_kv_cache(packed: tuple[KVCache, ...], head_dim: int, count_coded: bool = False) -> tuple[KVCache, ...]:
+    """Inverse of `pack_kv_cache`: float32 caches [rows, Hkv, S, head_dim]."""
+    if count_coded:
+        return tuple((k.float(), v.float()) for k, v in packed)
     return tuple((unpack_spikes(k, head_dim), unpack_spikes(v, head_dim)) for k, v in packed)
 
 
@@ -255,7 +287,7 @@ class SpikingStudentLM(nn.Module):
         sd = config.spike_driven
         # spike-driven readout: per-token spike counts of a LIF on the final norm, and a per-channel
         # gain on them that folds into the head weight
-        self.head_lif = _make_lif(config, "head.in", config.dim) if config.spiking and sd else None
+        self.head_lif = _make_lif(config, "head.in", config.dim, signed=True) if config.spiking and sd else None
         self.head_gain = nn.Parameter(torch.ones(config.dim)) if sd else None
         self.lm_head = None if config.tie_embeddings else QLinear(config.dim, config.vocab_size, config.qat_int8)
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
@@ -264,8 +296,14 @@ class SpikingStudentLM(nn.Module):
 
     @property
     def timesteps(self) -> int:
-        """Simulated timesteps per token (1 for the ANN twin)."""
+        """Simulated timesteps per token (1 for the ANN twin); spike codes hold counts 0..timesteps."""
         return self.config.num_timesteps if self.config.spiking else 1
+
+    @property
+    def passes(self) -> int:
+        """Rows of the residual stream (and of the decode cache) per token: T for a temporal
+        spiking student, 1 for a count-coded one and for the ANN twin."""
+        return 1 if self.config.count_coded else self.timesteps
 
     def reset_parameters(self) -> None:
         cfg = self.config
@@ -299,7 +337,7 @@ class SpikingStudentLM(nn.Module):
     ) -> tuple[torch.Tensor, tuple[KVCache, ...]]:
         """input_ids [B, S] -> (final-normed hidden averaged over T [B, S, D], present caches)."""
         b, s = input_ids.shape
-        t = self.timesteps
+        t = self.passes
         offset = 0 if past is None else past[0][0].shape[2]
         x = self.embed(input_ids)  # [B, S, D]
         if t > 1:
@@ -317,7 +355,7 @@ class SpikingStudentLM(nn.Module):
 
     def _readout(self, x: torch.Tensor, b: int, s: int) -> torch.Tensor:
         """Residual stream [T*B, S, D] -> the LM head's input [B, S, D]."""
-        t = self.timesteps
+        t = self.passes
         if self.head_lif is not None:  # spike counts in 0..T per token and channel
             return self.head_lif(self.norm(x)).view(t, b, s, -1).sum(0)
         if t > 1:

@@ -486,7 +486,8 @@ def test_on_policy_batches_replace_the_replies_and_their_targets(chat_teacher_di
     from snn_distill.distill import teacher_targets
 
     want = teacher_targets(recipe.teacher, ids, mask, 1.0)
-    assert torch.allclose(targets.logprobs, want.logprobs, atol=1e-5)
+    assert targets.raw  # raw logits: the loss takes their log-softmax (fused_loss.py)
+    assert torch.allclose(targets.resolved(1.0).logprobs, want.logprobs, atol=1e-5)
     run_stats = recipe.train_step(1)[0]
     assert run_stats.loss > 0
 

@@ -6,44 +6,11 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from spiking_helpers import LinearInputs, V, calibrated, is_spike_code, make  # noqa: E402
 
 from snn_distill.config import StudentConfig
 from snn_distill.neurons import LIF, calibrate_threshold, lif_inference, lif_multistep, lif_multistep_loop
-from snn_distill.student import SpikingStudentLM, pack_kv_cache, unpack_kv_cache
-
-V = 97
-
-
-def make(mode: str = "spike-driven", student_type: str = "snn", **kw) -> SpikingStudentLM:
-    cfg = dict(vocab_size=V, dim=32, depth=2, num_heads=4, num_kv_heads=2, mode=mode, student_type=student_type)
-    cfg.update(kw)
-    return SpikingStudentLM(StudentConfig(**cfg))
-
-
-def calibrated(model: SpikingStudentLM, seed: int = 0) -> SpikingStudentLM:
-    """One training forward on random ids: the spike-driven thresholds calibrate themselves."""
-    model.train()
-    model(torch.randint(0, V, (4, 16), generator=torch.Generator().manual_seed(seed)))
-    return model.eval()
-
-
-class LinearInputs(TorchFunctionMode):
-    """Records the input of every F.linear call (a real hook: nothing is replaced)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inputs: list[tuple[tuple[int, ...], torch.Tensor]] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.linear:
-            self.inputs.append((tuple(args[1].shape), args[0].detach().clone()))
-        return func(*args, **(kwargs or {}))
-
-
-def is_spike_code(x: torch.Tensor, t: int) -> bool:
-    return bool(((x == x.round()) & (x >= 0) & (x <= t)).all())
+from snn_distill.student import pack_kv_cache, unpack_kv_cache
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -164,31 +131,39 @@ def test_neuron_math_runs_in_float32_under_bf16_autocast():
     assert (got.float() != ref).float().mean() < 0.05  # only inputs rounded by bf16 itself differ
 
 
+@pytest.mark.parametrize("coding", ["temporal", "count"])
 @pytest.mark.parametrize("mode", ["hybrid", "spike-driven"])
-def test_cache_is_binary_before_rope_and_decoding_equals_recompute(mode):
+def test_cache_is_binary_before_rope_and_decoding_equals_recompute(mode, coding):
+    """Temporal coding caches 0/1 spikes (T rows per sequence, bit-packed); count coding caches the
+    counts 0..T (one row per sequence, uint8)."""
     torch.manual_seed(0)
-    model = calibrated(make(mode=mode), seed=1)
+    count = coding == "count"
+    model = calibrated(make(mode=mode, coding=coding), seed=1)
     ids = torch.randint(0, V, (2, 14), generator=torch.Generator().manual_seed(7))  # not the calibration batch
     with torch.no_grad():
         full = model(ids)
         logits, past = model.forward_step(ids[:, :6])
         outs = [logits]
         for i in range(6, 14):
-            packed = pack_kv_cache(past)
+            packed = pack_kv_cache(past, count_coded=count)
             assert all(k.dtype == torch.uint8 for kv in packed for k in kv)
-            restored = unpack_kv_cache(packed, model.config.head_dim)
+            restored = unpack_kv_cache(packed, model.config.head_dim, count_coded=count)
             assert all(torch.equal(a, b) for kv, rkv in zip(past, restored) for a, b in zip(kv, rkv))
             logits, past = model.forward_step(ids[:, i : i + 1], restored)
             outs.append(logits)
+    values = set(range(5)) if count else {0, 1}
     for k, v in past:
-        assert set(k.unique().tolist()) <= {0.0, 1.0} and set(v.unique().tolist()) <= {0.0, 1.0}
+        assert set(k.unique().tolist()) <= values and set(v.unique().tolist()) <= values
+        assert k.shape == (2 * model.passes, 2, 14, model.config.head_dim)
+    assert model.passes == (1 if count else 4)
+    if count:
+        assert max(k.max() for k, _ in past) > 1  # counts, not just spikes
     inc = torch.cat(outs, 1)
     assert torch.equal(inc.argmax(-1), full.argmax(-1))
     assert (inc - full).abs().max() < 1e-4
-    k = past[0][0]
-    packed_bytes = sum(t.numel() for kv in pack_kv_cache(past) for t in kv)
-    assert packed_bytes * 8 == sum(t.numel() for kv in past for t in kv)  # 1 bit per 0/1 value
-    assert k.shape[-1] == model.config.head_dim
+    packed_bytes = sum(t.numel() for kv in pack_kv_cache(past, count_coded=count) for t in kv)
+    values_cached = sum(t.numel() for kv in past for t in kv)
+    assert packed_bytes * (1 if count else 8) == values_cached  # 1 byte per count, 1 bit per 0/1 value
 
 
 @pytest.mark.slow

@@ -127,6 +127,7 @@ class ONNXSNNBackend(TokenizerVocabBackend):
         self.model = ONNXLogits(self.session)
         self.vocab_size = self._graph_vocab_size()
         self.timesteps = self._timesteps()
+        self.cache_rows = self._cache_rows()
 
         self.decode_path: Path | None = None
         self.decode_session = None
@@ -179,6 +180,13 @@ class ONNXSNNBackend(TokenizerVocabBackend):
             return 1
         return int(snn.get("num_timesteps", 1))
 
+    def _cache_rows(self) -> int:
+        """Decode-cache rows per sequence: T for a temporal spiking student, 1 when count-coded or ANN."""
+        if "snn_distill.cache_rows_per_token" in self.props:
+            return int(self.props["snn_distill.cache_rows_per_token"])
+        count = (self.metadata.get("snn_config") or {}).get("coding") == "count"
+        return 1 if count else self.timesteps
+
     def _setup_vocab(self) -> None:
         n_tok = len(self.tokenizer)
         self._mask_from: int | None = None
@@ -212,7 +220,7 @@ class ONNXSNNBackend(TokenizerVocabBackend):
             _, hkv, _, hd = inp.shape
             # a spiking student's cache is uint8 spikes; an ANN twin's is float32
             dtype = np.uint8 if inp.type == "tensor(uint8)" else np.float32
-            past.append(np.zeros((self.timesteps * batch, int(hkv), 0, int(hd)), dtype=dtype))
+            past.append(np.zeros((self.cache_rows * batch, int(hkv), 0, int(hd)), dtype=dtype))
         return past
 
     def _step(self, ids: list[int], past: list[Any]) -> tuple[list[Any], Any]:

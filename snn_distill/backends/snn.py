@@ -323,19 +323,25 @@ class SNNLLMBackend(TokenizerVocabBackend):
             return list(prompt_ids), self._logits_row(self.model(x))
 
     def _packs_cache(self) -> bool:
-        """A spiking SpikingStudentLM's decode cache is 0/1: kept bit-packed between steps."""
+        """A spiking SpikingStudentLM's decode cache is 0/1 (counts 0..T when count-coded): kept as
+        packed uint8 between steps."""
         cfg = getattr(self.model, "config", None)
         return bool(getattr(cfg, "spiking", False)) and hasattr(cfg, "head_dim")
 
     def _pack(self, past: Any) -> Any:
         from ..student import pack_kv_cache
 
-        return pack_kv_cache(past) if self._packs_cache() else past
+        if not self._packs_cache():
+            return past
+        return pack_kv_cache(past, count_coded=self.model.config.count_coded)
 
     def _unpack(self, state: Any) -> Any:
         from ..student import unpack_kv_cache
 
-        return unpack_kv_cache(state, self.model.config.head_dim) if self._packs_cache() else state
+        if not self._packs_cache():
+            return state
+        cfg = self.model.config
+        return unpack_kv_cache(state, cfg.head_dim, count_coded=cfg.count_coded)
 
     def _advance(self, state: Any, token_id: int) -> tuple[Any, Any]:
         if self.is_stub:

@@ -213,19 +213,20 @@ def decode_io_names(depth: int) -> tuple[list[str], list[str]]:
 
 
 def empty_past(model, batch: int = 1, past_len: int = 0) -> list:
-    """Zero caches [T*batch, Hkv, past_len, hd] of `cache_dtype(model)` (torch tensors), two per layer."""
+    """Zero caches [passes*batch, Hkv, past_len, hd] of `cache_dtype(model)` (torch tensors), two per
+    layer; passes = T for a temporal spiking student, 1 for a count-coded one or the ANN twin."""
     import torch
 
     cfg = model.config
-    shape = (model.timesteps * batch, cfg.num_kv_heads, past_len, cfg.head_dim)
+    shape = (model.passes * batch, cfg.num_kv_heads, past_len, cfg.head_dim)
     return [torch.zeros(shape, dtype=cache_dtype(model)) for _ in range(2 * cfg.depth)]
 
 
 def cache_bytes_per_token(model) -> int:
     """Bytes the decode graph's caches hold per token of context (all layers, keys and values)."""
     cfg = model.config
-    item = 1 if model.config.spiking else 4
-    return 2 * cfg.depth * model.timesteps * cfg.num_kv_heads * cfg.head_dim * item
+    item = 1 if model.config.spiking else 4  # uint8: spikes 0/1, or spike counts 0..T
+    return 2 * cfg.depth * model.passes * cfg.num_kv_heads * cfg.head_dim * item
 
 
 def _torch_export(module, args: tuple, path: Path, opset: int, input_names, output_names, dynamic_axes) -> None:
@@ -710,6 +711,8 @@ def _load_for_export(model_path: Path, metadata_path: Path) -> tuple[Any, dict[s
         "snn_distill.snn_mode": cfg.mode,
         "snn_distill.vocab_size": cfg.vocab_size,
         "snn_distill.timesteps": model.timesteps,
+        "snn_distill.snn_coding": cfg.coding,
+        "snn_distill.cache_rows_per_token": model.passes,
         "snn_distill.num_layers": cfg.depth,
         "snn_distill.num_kv_heads": cfg.num_kv_heads,
         "snn_distill.head_dim": cfg.head_dim,
@@ -781,10 +784,12 @@ def _export_decode(st: _Staging, out: Path, verify: bool, seq_lens: Sequence[int
     with _stage("torch.onnx.export (decode graph)", f"try --opset {DEFAULT_OPSET} or export without --decode-graph"):
         step = _torch_module_types()(model)
         _torch_export(step, (ex_ids, *empty_past(model, 1, 3)), raw_dec, st.opset, ins, outs, axes)
-    kind = "uint8 spikes" if model.config.spiking else "float32"
+    cfg = model.config
+    kind = ("uint8 spike counts 0..T" if cfg.count_coded else "uint8 spikes") if cfg.spiking else "float32"
+    rows = "batch" if model.passes == 1 else "timesteps*batch"
     doc = (
         "SpikingStudentLM decode step: input_ids [batch, new_len] + past_key/value_<i> "
-        f"[timesteps*batch, kv_heads, past_len, head_dim] ({kind}, keys before RoPE) -> logits + present_key/value_<i>"
+        f"[{rows}, kv_heads, past_len, head_dim] ({kind}, keys before RoPE) -> logits + present_key/value_<i>"
     )
     _finish_graph(raw_dec, st.path(dec), st.props, "decode", doc)
     st.written.append(("decode_path", dec))

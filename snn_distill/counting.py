@@ -1,0 +1,116 @@
+"""Count-coded neurons: one pass per token instead of T (`snn_config.coding = "count"`).
+
+In a count-coded student every layer runs once per token. Each layer integrates its input over the
+token's T timesteps before its own neurons fire, so a neuron's input current I is constant over
+those T steps, and its output is the spike count of the LIF dynamics (neurons.lif_dynamics) driven
+by that constant current::
+
+    c(I) = sum_t s[t],  u[t] = decay * u[t-1] + I - θ s[t-1],  s[t] = H(u[t] - θ),   c in 0..T
+
+a closed-form staircase of I (QCFS / SpikeZIP-TF style quantised activations; SpikingBrain's integer
+spike counts). Training costs one pass over the weights instead of T.
+
+At inference the counts expand into T binary spikes: `expand_spikes` replays the same LIF on the
+same constant current, and `expand_spikes(I).sum(0) == count_spikes(I)` exactly (tested). A layer
+whose input is the expanded train s[t] sees the current W s[t] at step t, which varies over t; the
+count-coded model instead gives it the token's mean current W c / T at every step. That is the one
+place the two schedules differ: the count-coded student is the layer-pipelined schedule (each
+layer fires after its input has been accumulated over the token's T steps), not the
+timestep-synchronous one of `coding = "temporal"`.
+
+Attention reads count-coded Q, K and V; a score q . k between two count vectors equals the number of
+coinciding spike pairs (t, t') of their expanded trains, sum_{t, t'} q[t] k[t'], so it stays a sum of
+accumulates (T^2 pair checks per coinciding channel rather than T).
+
+Gradient: the surrogate derivative of the same recurrence with the reset detached (as in temporal
+training), i.e. backpropagation through the T constant-current steps, in closed form::
+
+    dc/dI = sum_t surrogate'(u[t] - θ) * (1 + decay + ... + decay^t)
+
+computed in the forward loop, so only one [..., F] tensor is kept for the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .neurons import _fire_inference, _resolve, lif_dynamics, lif_margin, surrogate_derivative
+
+__all__ = ["CountLIF", "count_spikes", "count_spikes_margin", "expand_spikes", "lif_counts"]
+
+
+def _constant(current: Tensor, timesteps: int) -> Tensor:
+    """current [..., F] -> the same current at each of T steps, [T, ..., F] (a view, no copy)."""
+    return current.unsqueeze(0).expand(timesteps, *current.shape)
+
+
+def expand_spikes(current: Tensor, decay: float | Tensor, threshold: float | Tensor, timesteps: int) -> Tensor:
+    """The binary spike trains of constant currents: [..., F] -> [T, ..., F] of 0/1."""
+    return torch.stack([s for _, s in lif_dynamics(_constant(current, timesteps), decay, threshold, _fire_inference)])
+
+
+def count_spikes(current: Tensor, decay: float | Tensor, threshold: float | Tensor, timesteps: int) -> Tensor:
+    """Spike counts of constant currents, no autograd: [..., F] -> [..., F] with values in 0..T.
+
+    Plain ops only (traceable by torch.export / ONNX): the T steps unroll.
+    """
+    counts = torch.zeros_like(current)
+    for _, s in lif_dynamics(_constant(current, timesteps), decay, threshold, _fire_inference):
+        counts = counts + s
+    return counts
+
+
+def count_spikes_margin(
+    current: Tensor, decay: float | Tensor, threshold: float | Tensor, timesteps: int
+) -> tuple[Tensor, Tensor]:
+    """`count_spikes` plus `neurons.lif_margin`'s smallest |u - θ| over steps and channels [...]."""
+    spikes, margin = lif_margin(_constant(current, timesteps), decay, threshold)
+    return spikes.sum(0), margin
+
+
+class CountLIF(torch.autograd.Function):
+    """`apply(current [..., F], decay, threshold, T, surrogate, slope) -> counts [..., F]`.
+
+    Saves one tensor, dc/dI, for the backward pass (see the module docstring).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, current: Tensor, decay: float, threshold: float | Tensor, timesteps: int, surrogate: str, slope: float
+    ) -> Tensor:
+        counts = torch.zeros_like(current)
+        dcdi = torch.zeros_like(current)
+        gain = 0.0  # du[t]/dI = 1 + decay + ... + decay^t (the reset is detached)
+        for x, s in lif_dynamics(_constant(current, timesteps), decay, threshold, _fire_inference):
+            gain = decay * gain + 1.0
+            counts.add_(s)
+            dcdi.add_(surrogate_derivative(surrogate, x, slope), alpha=gain)
+        ctx.save_for_backward(dcdi)
+        return counts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        (dcdi,) = ctx.saved_tensors
+        return grad * dcdi, None, None, None, None, None
+
+
+def lif_counts(
+    current: Tensor,
+    *,
+    decay: float,
+    threshold: float | Tensor,
+    timesteps: int,
+    surrogate: str = "sigmoid",
+    slope: float | None = None,
+) -> Tensor:
+    """Spike counts of constant currents [..., F] -> [..., F] (0..T), with a surrogate gradient
+    when `current` requires grad. threshold: a float or a per-channel [F] tensor without grad."""
+    k = _resolve(surrogate, slope)
+    if isinstance(threshold, Tensor) and threshold.requires_grad:
+        raise ValueError("count coding needs a threshold without grad (calibrated, not learned)")
+    if torch.is_grad_enabled() and current.requires_grad:
+        return CountLIF.apply(current, decay, threshold, int(timesteps), surrogate, k)
+    return count_spikes(current, decay, threshold, int(timesteps))
