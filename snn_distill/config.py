@@ -77,9 +77,10 @@ class StudentConfig:
     learn_decay: bool = False  # per-channel learnable leak, decay = sigmoid(w) (PLIF)
     target_rate: float = 0.15  # spike-driven: thresholds calibrated on the first batch to fire at this rate
     homeostasis: float = 0.0  # spike-driven: per-step threshold adaptation toward target_rate (0: off)
-    # "temporal": every layer runs T timesteps (T rows per token); "count": each layer runs once per
-    # token and its neurons emit spike counts 0..T of their constant input current (counting.py)
-    coding: str = "temporal"
+    # "count" (default): each layer runs once per token and its neurons emit the spike counts 0..T of
+    # their token's constant input current (counting.py; same KJV quality as temporal, T times less
+    # matmul work in training); "temporal": every layer runs T timesteps (T rows per token)
+    coding: str = "count"
     ternary: bool = False  # spike-driven: the LIFs on normalised inputs emit signed spikes (-1, 0, 1)
     gradient_checkpointing: bool = False
     qat_int8: bool = False  # fake-quantize linear weights (per-channel symmetric int8) while training
@@ -137,11 +138,6 @@ class StudentConfig:
         _check(
             self.coding in SNN_CODINGS,
             f"--snn-coding must be one of {', '.join(SNN_CODINGS)}, got {self.coding!r}",
-        )
-        _check(
-            self.coding == "temporal" or not (self.learn_threshold or self.learn_decay),
-            "--snn-coding count keeps thresholds calibrated, not learned: drop --snn-learn-threshold/"
-            "--snn-learn-decay, or use --snn-coding temporal",
         )
         _check(
             not self.ternary or self.mode == "spike-driven",

@@ -42,8 +42,9 @@ __all__ = ["CountLIF", "count_spikes", "count_spikes_margin", "expand_spikes", "
 
 
 def _constant(current: Tensor, timesteps: int) -> Tensor:
-    """current [..., F] -> the same current at each of T steps, [T, ..., F] (a view, no copy)."""
-    return current.unsqueeze(0).expand(timesteps, *current.shape)
+    """current [..., F] -> the same current at each of T steps, [T, ..., F] (a view, no copy).
+    -1 keeps each dim as it is: a traced (ONNX) graph must not bake in the example's shape."""
+    return current.unsqueeze(0).expand(timesteps, *([-1] * current.dim()))
 
 
 def expand_spikes(current: Tensor, decay: float | Tensor, threshold: float | Tensor, timesteps: int) -> Tensor:
@@ -73,44 +74,75 @@ def count_spikes_margin(
 class CountLIF(torch.autograd.Function):
     """`apply(current [..., F], decay, threshold, T, surrogate, slope) -> counts [..., F]`.
 
-    Saves one tensor, dc/dI, for the backward pass (see the module docstring).
+    decay and threshold: floats or per-channel [F] tensors; when they require grad (a learnable leak
+    or threshold) their gradients come from the same closed-form recurrences (reset detached):
+    du[t]/dθ = decay du[t-1]/dθ - s[t-1] and du[t]/d(decay) = u[t-1] + decay du[t-1]/d(decay), with
+    dc/dθ = sum_t sg[t] (du[t]/dθ - 1) and dc/d(decay) = sum_t sg[t] du[t]/d(decay). Saves dc/dI
+    (and one tensor per learnable parameter) for the backward pass.
     """
 
     @staticmethod
-    def forward(
-        ctx, current: Tensor, decay: float, threshold: float | Tensor, timesteps: int, surrogate: str, slope: float
-    ) -> Tensor:
+    def forward(ctx, current: Tensor, decay, threshold, timesteps: int, surrogate: str, slope: float) -> Tensor:
+        want_theta = isinstance(threshold, Tensor) and ctx.needs_input_grad[2]
+        want_decay = isinstance(decay, Tensor) and ctx.needs_input_grad[1]
         counts = torch.zeros_like(current)
         dcdi = torch.zeros_like(current)
+        dcdt = torch.zeros_like(current) if want_theta else None
+        dcdb = torch.zeros_like(current) if want_decay else None
         gain = 0.0  # du[t]/dI = 1 + decay + ... + decay^t (the reset is detached)
+        g_theta = torch.zeros_like(current) if want_theta else None
+        g_decay = torch.zeros_like(current) if want_decay else None
+        u_prev = torch.zeros_like(current) if want_decay else None
+        s_prev = torch.zeros_like(current)
         for x, s in lif_dynamics(_constant(current, timesteps), decay, threshold, _fire_inference):
             gain = decay * gain + 1.0
+            sg = surrogate_derivative(surrogate, x, slope)
             counts.add_(s)
-            dcdi.add_(surrogate_derivative(surrogate, x, slope), alpha=gain)
-        ctx.save_for_backward(dcdi)
+            dcdi.add_(sg * gain)
+            if want_theta:
+                g_theta = decay * g_theta - s_prev
+                dcdt.add_(sg * (g_theta - 1.0))
+            if want_decay:
+                g_decay = u_prev + decay * g_decay
+                dcdb.add_(sg * g_decay)
+                u_prev = x + threshold  # u[t]
+            s_prev = s
+        ctx.save_for_backward(dcdi, dcdt, dcdb)
+        ctx.shapes = (
+            decay.shape if isinstance(decay, Tensor) else None,
+            threshold.shape if isinstance(threshold, Tensor) else None,
+        )
         return counts
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
-        (dcdi,) = ctx.saved_tensors
-        return grad * dcdi, None, None, None, None, None
+    def backward(ctx, grad: Tensor):
+        dcdi, dcdt, dcdb = ctx.saved_tensors
+        decay_shape, theta_shape = ctx.shapes
+        g_decay = None if dcdb is None else _reduce_to(grad * dcdb, decay_shape)
+        g_theta = None if dcdt is None else _reduce_to(grad * dcdt, theta_shape)
+        return grad * dcdi, g_decay, g_theta, None, None, None
+
+
+def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a [..., F] gradient down to a parameter broadcast over the leading dims ([F] or [])."""
+    return g.reshape(-1, g.shape[-1]).sum(0).reshape(shape) if len(shape) else g.sum()
 
 
 def lif_counts(
     current: Tensor,
     *,
-    decay: float,
+    decay: float | Tensor,
     threshold: float | Tensor,
     timesteps: int,
     surrogate: str = "sigmoid",
     slope: float | None = None,
 ) -> Tensor:
-    """Spike counts of constant currents [..., F] -> [..., F] (0..T), with a surrogate gradient
-    when `current` requires grad. threshold: a float or a per-channel [F] tensor without grad."""
+    """Spike counts of constant currents [..., F] -> [..., F] (0..T), with surrogate gradients for
+    the current (and a learnable per-channel threshold or leak) when they require grad."""
     k = _resolve(surrogate, slope)
-    if isinstance(threshold, Tensor) and threshold.requires_grad:
-        raise ValueError("count coding needs a threshold without grad (calibrated, not learned)")
-    if torch.is_grad_enabled() and current.requires_grad:
+    if torch.is_grad_enabled() and (
+        current.requires_grad or any(isinstance(p, Tensor) and p.requires_grad for p in (decay, threshold))
+    ):
         return CountLIF.apply(current, decay, threshold, int(timesteps), surrogate, k)
     return count_spikes(current, decay, threshold, int(timesteps))

@@ -292,7 +292,7 @@ def plan_memory(
 
     with torch.device("meta"):
         s_params = SpikingStudentLM(scfg).num_parameters()
-    t_steps = scfg.num_timesteps if scfg.spiking else 1
+    t_steps = scfg.num_timesteps if scfg.spiking and not scfg.count_coded else 1  # body passes per token
     b, s, v, d = cfg.batch_size, cfg.max_length, teacher.vocab_size, scfg.dim
     n_tok = b * s  # real tokens per micro-batch, at most
     chunk = min(cfg.loss_chunk_tokens, n_tok)
@@ -304,7 +304,8 @@ def plan_memory(
         f"memory plan: teacher {teacher.name} ({_fmt_n(teacher.params)} parameters, vocab {v}, "
         f"{teacher.num_layers} layers; shape from {teacher.source}), {quant + ' ' if quant != 'none' else ''}"
         f"{tdtype} on {tdev}",
-        f"student {scfg.student_type} dim {d} depth {scfg.depth} heads {scfg.num_heads} T={t_steps} "
+        f"student {scfg.student_type} dim {d} depth {scfg.depth} heads {scfg.num_heads} "
+        f"T={scfg.num_timesteps if scfg.spiking else 1}{' count-coded (1 pass)' if scfg.count_coded else ''} "
         f"({_fmt_n(s_params)} parameters{', gradient checkpointing' if scfg.gradient_checkpointing else ''}"
         f"{', bf16 autocast' if autocast else ', fp32'}) on {dev}",
         f"batch {b} x max-length {s}, grad-accum {cfg.grad_accum_steps}, {world_size} process(es): effective batch "
@@ -349,10 +350,10 @@ def plan_memory(
     tok_ts = t_steps * n_tok
     if scfg.gradient_checkpointing:
         acts = tok_ts * (scfg.depth * d * 4.0 + per_layer * act_bytes + outside * 4.0)
-        how = f"T*B*S={tok_ts} x (depth x D x 4 B + 1 layer)"
+        how = f"passes*B*S={tok_ts} x (depth x D x 4 B + 1 layer)"
     else:
         acts = tok_ts * (scfg.depth * per_layer * act_bytes + outside * 4.0)
-        how = f"T*B*S={tok_ts} x depth {scfg.depth} x {per_layer:.0f} x {act_bytes} B"
+        how = f"passes*B*S={tok_ts} x depth {scfg.depth} x {per_layer:.0f} x {act_bytes} B"
     plan.add("student step", "student activations (saved)", how, acts, dev)
     plan.add("student step", "teacher target on student", f"[{n_tok}, {v}] x 4 B fp32", n_tok * v * 4, dev)
     plan.add(
@@ -382,7 +383,7 @@ def _add_evaluation(plan: MemoryPlan, n: dict[str, Any], logits: float, dev: str
     rows are compared a chunk at a time (`evaluate.evaluate_fidelity`)."""
     b, s, v, d, chunk, tok_ts = n["b"], n["s"], n["v"], n["d"], n["chunk"], n["tok_ts"]
     plan.add("evaluation", "teacher logits (held)", f"[{b}, {s}, {v}] x {n['tb']:.0f} B", logits, tdev)
-    fwd = f"T*B*S={tok_ts} x {n['per_layer']:.0f} x 4 B"
+    fwd = f"passes*B*S={tok_ts} x {n['per_layer']:.0f} x 4 B"
     plan.add("evaluation", "student forward (no grad)", fwd, tok_ts * n["per_layer"] * 4, dev)
     plan.add("evaluation", "student hidden states", f"[{b}, {s}, {d}] x 4 B", b * s * d * 4, dev)
     work = f"{EVAL_CHUNK_BUFFERS} x [{chunk}, {v}] x 4 B"

@@ -663,8 +663,6 @@ class LIF(torch.nn.Module):
         if channels is None and (learn_threshold or learn_decay or target_rate is not None):
             raise ValueError("a learnable or calibrated LIF needs `channels` (its feature count)")
         self.num_timesteps = int(num_timesteps)
-        if count and (learn_threshold or learn_decay):
-            raise ValueError("a count-coded LIF keeps its threshold and leak fixed (calibrated, not learned)")
         self.count = bool(count)  # count-coded: x is one current per token, the output its spike counts
         self.decay = float(decay)
         self.threshold = float(threshold)
@@ -758,7 +756,8 @@ class LIF(torch.nn.Module):
         if self.per_channel and self.training and not bool(self.calibrated):
             self._calibrate(x.detach().unsqueeze(0).expand(T, *x.shape))
         decay, threshold = self.decay_value(), self.threshold_value()
-        if torch.is_grad_enabled() and x.requires_grad:
+        learnable = any(isinstance(p, Tensor) and p.requires_grad for p in (decay, threshold))
+        if torch.is_grad_enabled() and (x.requires_grad or learnable):
             counts = lif_counts(
                 x, decay=decay, threshold=threshold, timesteps=T, surrogate=self.surrogate, slope=self.slope
             )

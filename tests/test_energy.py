@@ -15,7 +15,9 @@ PJ_AC, PJ_MAC = 0.9, 4.6  # Horowitz 2014, 45 nm, written out here on purpose
 
 
 def tiny(mode: str, theta: float | None) -> SpikingStudentLM:
-    cfg = StudentConfig(vocab_size=V, dim=D, depth=1, num_heads=H, mlp_ratio=2.0, num_timesteps=T, mode=mode)
+    cfg = StudentConfig(
+        vocab_size=V, dim=D, depth=1, num_heads=H, mlp_ratio=2.0, num_timesteps=T, mode=mode, coding="temporal"
+    )
     model = SpikingStudentLM(cfg)
     if theta is not None:  # every neuron's threshold, fixed: no calibration
         for lif in model.lif_modules():

@@ -75,7 +75,7 @@ def test_unigram_baseline_and_its_perplexity():
 
 
 def tiny_snn(**kw) -> SpikingStudentLM:
-    cfg = dict(vocab_size=11, dim=8, depth=1, num_heads=2, mlp_ratio=2.0, num_timesteps=2)
+    cfg = dict(vocab_size=11, dim=8, depth=1, num_heads=2, mlp_ratio=2.0, num_timesteps=2, coding="temporal")
     cfg.update(kw)
     return SpikingStudentLM(StudentConfig(**cfg))
 
@@ -146,7 +146,9 @@ def test_training_writes_evaluation_efficiency_and_curves(tiny_teacher_dir, tmp_
     assert "before_training" in ev
     assert set(eff["layers"]) == {"blocks.0.attn.qkv", "blocks.0.mlp.up"}
     assert 0 <= eff["mean_spike_rate"] <= 1 and 0 <= eff["dead_fraction"] <= 1
-    assert eff["snn_synops_per_token"] >= 0 and eff["snn_macs_per_token"] > eff["ann_macs_per_token"] > 0
+    # the default count-coded hybrid: its real-input matmuls run once per token like the ANN twin's, and
+    # the MLP down projection reads spike counts (accumulates), so it needs fewer MACs than the twin
+    assert eff["snn_synops_per_token"] > 0 and 0 < eff["snn_macs_per_token"] < eff["ann_macs_per_token"]
     assert eff["snn_energy_nj_per_token"] > 0 and "memory traffic" in eff["note"]
     png = out / "training_curves.png"
     assert run.paths["training_curves"] == png

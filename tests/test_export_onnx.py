@@ -93,10 +93,22 @@ def test_dynamic_batch_and_seq_len_match_pytorch(exported, batch, seq):
     d, _, model = exported
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
     (got,) = run_session(d / "student.onnx", {"input_ids": ids.numpy()})
-    with torch.no_grad():
-        ref = model(ids).numpy()
+    lifs = model.lif_modules()
+    for m in lifs:
+        m.record_margin = True
+    try:
+        with torch.no_grad():
+            ref = model(ids).numpy()
+        # a neuron within float rounding of its threshold may flip (as export verification allows):
+        # such positions [B, S] and every later one of the row (attention carries the flip) are excused
+        near = torch.stack([m.last_margin.reshape(batch, seq) < 1e-5 for m in lifs]).any(0)
+        excused = (near.int().cummax(1).values > 0).numpy()
+    finally:
+        for m in lifs:
+            m.record_margin = False
     assert got.shape == (batch, seq, model.config.vocab_size)
-    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    assert excused.mean() <= 0.1  # rare: not a blanket pass
+    np.testing.assert_allclose(got[~excused], ref[~excused], atol=1e-3, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,15 +164,17 @@ def test_decode_graph_token_by_token_matches_full_graph_and_pytorch(exported):
     sess = ort.InferenceSession(str(dec), providers=["CPUExecutionProvider"])
     b, n, cfg = 2, 12, model.config
     ids = torch.randint(0, cfg.vocab_size, (b, n), generator=torch.Generator().manual_seed(5))
-    # a spiking student's cache is uint8 spikes (keys before RoPE): exactly 0/1
+    # a spiking student's cache is uint8 (keys before RoPE): spike counts 0..T, one row per sequence
+    # (count coding, the default; 0/1 spikes in T rows with temporal coding)
     assert all(i.type == "tensor(uint8)" for i in sess.get_inputs()[1:])
-    assert result["cache_bytes_per_token"] == 2 * 2 * model.timesteps * cfg.num_kv_heads * cfg.head_dim
-    past = [np.zeros((model.timesteps * b, cfg.num_kv_heads, 0, cfg.head_dim), np.uint8) for _ in range(4)]
+    assert model.passes == 1 and cfg.count_coded
+    assert result["cache_bytes_per_token"] == 2 * 2 * model.passes * cfg.num_kv_heads * cfg.head_dim
+    past = [np.zeros((model.passes * b, cfg.num_kv_heads, 0, cfg.head_dim), np.uint8) for _ in range(4)]
     steps = []
     for t in range(n):
         res = sess.run(None, {"input_ids": ids[:, t:t + 1].numpy(), **dict(zip(ins[1:], past))})
         assert res[0].shape == (b, 1, cfg.vocab_size) and res[1].shape[2] == t + 1
-        assert all(p.dtype == np.uint8 and p.max() <= 1 for p in res[1:])
+        assert all(p.dtype == np.uint8 and p.max() <= model.timesteps for p in res[1:])
         steps.append(res[0])
         past = res[1:]
     decoded = np.concatenate(steps, axis=1)

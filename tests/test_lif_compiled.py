@@ -172,7 +172,9 @@ def _autograd_nodes(t: torch.Tensor) -> set[str]:
 @needs_cxx
 @pytest.mark.parametrize("kernel", ["compiled", "fused", "loop"])
 def test_student_config_chooses_the_kernel(kernel: str) -> None:
-    cfg = StudentConfig(vocab_size=50, dim=32, depth=1, num_heads=2, num_timesteps=4, lif_kernel=kernel)
+    cfg = StudentConfig(  # the multi-step kernels run the temporal coding's T-step LIFs
+        vocab_size=50, dim=32, depth=1, num_heads=2, num_timesteps=4, lif_kernel=kernel, coding="temporal"
+    )
     torch.manual_seed(0)
     student = SpikingStudentLM(cfg)
     assert {m.kernel for m in student.lif_modules()} == {kernel}
@@ -184,7 +186,9 @@ def test_student_config_chooses_the_kernel(kernel: str) -> None:
 
 @needs_cxx
 def test_compiled_student_trains_like_the_fused_one() -> None:
-    cfg = StudentConfig(vocab_size=50, dim=32, depth=2, num_heads=2, num_timesteps=4, mode="spike-driven")
+    cfg = StudentConfig(
+        vocab_size=50, dim=32, depth=2, num_heads=2, num_timesteps=4, mode="spike-driven", coding="temporal"
+    )
     ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
     grads = {}
     for kernel in ("compiled", "fused"):

@@ -146,7 +146,9 @@ def test_gradient_accumulation_equals_one_big_batch(hard):
 
     def grads(micro_slices):
         torch.manual_seed(1)
-        m = SpikingStudentLM(StudentConfig(vocab_size=vocab, dim=16, depth=1, num_heads=2)).double()
+        # temporal coding: a calibrated (count-coded) student sets its thresholds on the first micro-batch,
+        # so its accumulated step differs from the one big batch by that calibration, not by the loss
+        m = SpikingStudentLM(StudentConfig(vocab_size=vocab, dim=16, depth=1, num_heads=2, coding="temporal")).double()
         micro = [(ids[s], mask[s], teacher.targets(ids[s], mask[s], 1.0)) for s in micro_slices]
         micro = [(i, mk, TeacherTargets(t.logprobs.double())) for i, mk, t in micro]
         stats = distill_step(m, micro, cfg, torch.device("cpu"))

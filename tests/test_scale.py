@@ -58,8 +58,12 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_match_one_process_on_the_combined_batch(tiny_teacher_dir, tmp_path):
     """torchrun 2 x (batch 2, accumulation 2) == 1 x (batch 4, accumulation 2): rank r takes every
     other block of the same shuffled order, the loss is normalised by all ranks' tokens, and DDP
-    all-reduces every gradient (the tied embedding/LM head included)."""
+    all-reduces every gradient (the tied embedding/LM head included). Temporal coding: a count-coded
+    student calibrates its thresholds on each rank's first micro-batch (averaged over ranks), which is
+    not the single process's calibration on its own first micro-batch."""
     common = [
+        "--snn-coding",
+        "temporal",
         "--teacher-model",
         str(tiny_teacher_dir),
         "--num-steps",
@@ -387,11 +391,13 @@ def test_docs_show_the_plans_this_code_computes():
         assert table.split("\n", 3)[3] in doc, teacher  # the rows and the verdict, verbatim
 
 
+@pytest.mark.parametrize("coding", ["count", "temporal"])
 @pytest.mark.parametrize("gc", [False, True])
-def test_student_activation_estimate_matches_measured_saved_tensors(gc):
+def test_student_activation_estimate_matches_measured_saved_tensors(gc, coding):
     """The plan's activation formula against the bytes autograd actually saves (CPU, fp32)."""
     cfg = StudentConfig(
-        vocab_size=64, dim=128, depth=3, num_heads=4, num_kv_heads=2, num_timesteps=4, gradient_checkpointing=gc
+        vocab_size=64, dim=128, depth=3, num_heads=4, num_kv_heads=2, num_timesteps=4, gradient_checkpointing=gc,
+        coding=coding,
     )
     model = SpikingStudentLM(cfg).train()
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -406,7 +412,7 @@ def test_student_activation_estimate_matches_measured_saved_tensors(gc):
         model.forward_hidden(torch.randint(0, 64, (b, s)))
     measured = sum(v for k, v in seen.items() if k not in own)
     per_layer, outside = student_activation_values(cfg.dim, cfg.depth, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_dim)
-    n = cfg.num_timesteps * b * s
+    n = model.passes * b * s
     layers = cfg.depth * cfg.dim if gc else cfg.depth * per_layer
     estimate = n * (layers + outside) * 4
     assert 0.7 < estimate / measured < 1.4, (estimate, measured)

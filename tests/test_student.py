@@ -1,4 +1,5 @@
-"""SpikingStudentLM: shapes, binary spikes, causality, folded-T == per-timestep loop, decode cache."""
+"""SpikingStudentLM with temporal coding (T rows per token): shapes, binary spikes, causality, folded-T ==
+per-timestep loop, decode cache. Count coding, the default, is tested in test_counting.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ V = 97
 
 def make(seed: int = 0, **kw) -> SpikingStudentLM:
     torch.manual_seed(seed)
-    args = dict(vocab_size=V, dim=32, depth=2, num_heads=4, num_timesteps=4)
+    args = dict(vocab_size=V, dim=32, depth=2, num_heads=4, num_timesteps=4, coding="temporal")
     args.update(kw)
     return SpikingStudentLM(StudentConfig(**args))
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from snn_distill.cli import parse_train_args, train_main
-from snn_distill.config import TrainConfig
+from snn_distill.config import StudentConfig, TrainConfig
 from snn_distill.distill import make_optimizer, make_scheduler, train
+from snn_distill.student import SpikingStudentLM
 from snn_distill.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +100,11 @@ def test_spec_quickstart_produces_complete_artifacts(tiny_teacher_dir, tmp_path)
     assert len(meta["metadata"]["git_commit"]) >= 7  # this checkout is a git repository
     assert (out / "tokenizer.json").exists()  # artifacts work offline
     sd = torch.load(out / "student.pt", weights_only=True)
-    assert sum(v.numel() for v in sd.values()) == meta["student_params"]
+    rebuilt = SpikingStudentLM(StudentConfig.from_metadata(meta))
+    rebuilt.load_state_dict(sd)  # strict: the metadata alone rebuilds the saved model
+    assert rebuilt.num_parameters() == meta["student_params"]
+    params = {n for n, _ in rebuilt.named_parameters()}
+    assert sum(v.numel() for k, v in sd.items() if k in params) == meta["student_params"]
     assert meta["vocab_size"] == sd["embed.weight"].shape[0]
     assert (out / "training_log.csv").read_text().count("\n") == 11  # header + 10 logged steps
 

@@ -196,6 +196,9 @@ def _torch_module_types():
             self.model = model
             self.depth = len(model.blocks)
             self.cache_dtype = cache_dtype(model)
+            # in eval mode like the model: torch.onnx.export restores the wrapper's mode on the whole
+            # tree afterwards, and a training-mode student would calibrate its thresholds when verified
+            self.train(model.training)
 
         def forward(self, input_ids, *past):
             pairs = tuple((past[2 * i].float(), past[2 * i + 1].float()) for i in range(self.depth))
