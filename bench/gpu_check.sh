@@ -10,6 +10,8 @@
 #   eval on CUDA            snn-distill eval --device cuda
 #   generate on CUDA        snn-distill generate (the torch backend picks the GPU)
 #   8-bit teacher           --teacher-quantization 8bit (needs bitsandbytes)
+#   fused loss: Liger       --fused-loss liger (needs liger-kernel: pip install -e '.[cuda]')
+#   compiled kernels        --fused-loss compile + --snn-coding temporal --snn-lif-kernel compiled (Triton)
 #
 # Each path prints one line: passed / failed / skipped, its wall time, and the peak CUDA memory
 # (torch.cuda.max_memory_allocated, per process) next to the --dry-run plan's peak for the same flags.
@@ -298,9 +300,34 @@ def p_8bit():
     return ("passed" if ok else "failed"), ("teacher 8bit" if ok else last_line(text)), ["q8"], plan_peaks(args)
 
 
+def _train_with(label, extra):
+    out = WORK / label
+    args = [*BASE, *extra, "--num-steps", str(max(2, STEPS // 3)), "--output-dir", str(out)]
+    rc, text = run(label, ["train", *args, "--quiet"])
+    res = meta_of(out).get("training_results", {})
+    ok = rc == 0 and all(math.isfinite(float(res.get(k, "nan"))) for k in ("first_loss", "final_loss"))
+    note = f"loss {res.get('first_loss')} -> {res.get('final_loss')}" if ok else last_line(text)
+    return ("passed" if ok else "failed"), note, [label], plan_peaks(args)
+
+
+def p_liger():
+    if not CUDA:
+        return "skipped", "needs CUDA", [], {}
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "skipped", "Liger Kernel not installed (pip install -e '.[cuda]')", [], {}
+    return _train_with("liger", ["--fused-loss", "liger"])
+
+
+def p_compiled():
+    # the compiled loss kernel (Triton on CUDA) and the compiled multi-step LIF of temporal coding
+    return _train_with("compiled", ["--fused-loss", "compile", "--snn-coding", "temporal", "--snn-lif-kernel",
+                                    "compiled"])
+
+
 PATHS = [("bf16 teacher", p_bf16), ("teacher device", p_teacher_device), ("teacher cache", p_cache),
          ("SIGINT + resume", p_sigint), ("DDP 2 x NCCL + checkpoint", p_ddp), ("eval on " + DEV, p_eval),
-         ("generate on " + DEV, p_generate), ("8-bit teacher", p_8bit)]
+         ("generate on " + DEV, p_generate), ("8-bit teacher", p_8bit), ("fused loss: Liger", p_liger),
+         ("compiled loss + LIF (temporal)", p_compiled)]
 
 gpu = torch.cuda.get_device_name(0) if CUDA else "CPU (script test only: no CUDA figures)"
 print(f"gpu_check: {gpu}, {NGPU} GPU(s), torch {torch.__version__}, CUDA {torch.version.cuda}; teacher "
