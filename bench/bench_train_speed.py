@@ -501,7 +501,7 @@ def step_configs(args, shape: dict) -> tuple[dict[str, StudentConfig], TrainConf
     common_fields = optional_fields(StudentConfig, {"mode": args.snn_mode})
     snn_only = optional_fields(
         StudentConfig,
-        {"coding": None if args.snn_coding == "temporal" else args.snn_coding, "lif_kernel": args.lif_kernel},
+        {"coding": args.snn_coding, "lif_kernel": args.lif_kernel},
     )
     scfgs = {
         "snn": StudentConfig(**shape, **common_fields, **snn_only, student_type="snn"),
@@ -640,7 +640,8 @@ def row_student_step(args, tok) -> str:
         "utilization",
     ]
     modes = ", ".join(sorted({r["mode"] for r in results.values()}))
-    flags = [f"coding {args.snn_coding}", f"fused loss {args.fused_loss or 'default'}"]
+    coding = args.snn_coding or f"default ({StudentConfig.coding})"
+    flags = [f"coding {coding}", f"fused loss {args.fused_loss or 'default'}"]
     flags.append(f"LIF kernel {args.lif_kernel or 'default'}")
     return (
         f"Student step (issue 15). Spiking student (T=4, mode {modes}, {', '.join(flags)}) and its ANN twin side "
@@ -783,7 +784,7 @@ def main() -> None:
     g.add_argument("--shapes", nargs="+", choices=list(STEP_SHAPES), default=list(STEP_SHAPES))
     g.add_argument("--steps", type=int, default=61, help="N of the (N steps - 1 step) / (N - 1) method")
     g.add_argument("--snn-mode", choices=["hybrid", "spike-driven"], default=None, help="default: StudentConfig's")
-    g.add_argument("--snn-coding", choices=["temporal", "count"], default="temporal")
+    g.add_argument("--snn-coding", choices=["temporal", "count"], default=None, help="default: the project's")
     g.add_argument("--fused-loss", choices=["auto", "compile", "eager", "liger"], default=None, help="TrainConfig's")
     g.add_argument("--lif-kernel", default=None, help="StudentConfig.lif_kernel of the spiking student")
     g.add_argument("--cheap-teacher-width", type=int, default=32)
