@@ -709,21 +709,37 @@ class LIF(torch.nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [T*B, ...] -> spikes [T*B, ...] of the same dtype; count-coded: x [B, ...] -> counts
-        [B, ...] in 0..T."""
-        if self.count:
-            return self._forward_counts(x)
-        T = self.num_timesteps
-        if not torch.compiler.is_compiling() and x.shape[0] % T != 0:
-            raise ValueError(f"leading dim {x.shape[0]} is not a multiple of num_timesteps={T}")
+        [B, ...] in 0..T (counting.py)."""
+        from .counting import _constant
+
         if x.dtype in (torch.float16, torch.bfloat16):
             with torch.autocast(x.device.type, enabled=False):
                 return self.forward(x.float()).to(x.dtype)
-        seq = x.reshape(T, -1, *x.shape[1:])
+        T = self.num_timesteps
+        if self.count:
+            seq = _constant(x, T)  # the token's current at each of the T steps (a view)
+        else:
+            if not torch.compiler.is_compiling() and x.shape[0] % T != 0:
+                raise ValueError(f"leading dim {x.shape[0]} is not a multiple of num_timesteps={T}")
+            seq = x.reshape(T, -1, *x.shape[1:])
         if self.per_channel and self.training and not bool(self.calibrated):
             self._calibrate(seq)
         decay, threshold = self.decay_value(), self.threshold_value()
-        if torch.is_grad_enabled() and x.requires_grad:
-            spikes = lif_multistep(
+        if self.count:
+            out, steps = self._counts(x, decay, threshold), T
+        else:
+            out, steps = self._spikes(seq, decay, threshold).view(x.shape), 1
+        if self.homeostasis and self.training and torch._C._current_graph_task_id() == -1:
+            self._adapt(out.detach() / steps)  # not while backward recomputes a checkpointed forward
+        # while exporting, x is a fake tensor and torch.export warns about tensor attributes
+        if not torch.compiler.is_exporting():
+            self._record(out.detach(), steps=steps)
+        return out
+
+    def _spikes(self, seq: Tensor, decay: float | Tensor, threshold: float | Tensor) -> Tensor:
+        """Temporal coding: currents [T, B, ..., F] -> spikes [T, B, ..., F]."""
+        if torch.is_grad_enabled() and seq.requires_grad:
+            return lif_multistep(
                 seq,
                 decay=decay,
                 threshold=threshold,
@@ -732,44 +748,26 @@ class LIF(torch.nn.Module):
                 fused=self.fused,
                 kernel=self.kernel,
             )
-        elif self.record_margin and not torch.compiler.is_exporting():
+        if self.record_margin and not torch.compiler.is_exporting():
             spikes, self.last_margin = lif_margin(seq, decay, threshold)
-        else:
-            # plain ops only: the autograd.Function and the in-place kernel do not export
-            spikes = lif_inference(seq, decay, threshold)
-        out = spikes.view(x.shape)
-        if self.homeostasis and self.training and torch._C._current_graph_task_id() == -1:
-            self._adapt(spikes.detach())  # not while backward recomputes a checkpointed forward
-        # while exporting, x is a fake tensor and torch.export warns about tensor attributes
-        if not torch.compiler.is_exporting():
-            self._record(out.detach())
-        return out
+            return spikes
+        # plain ops only: the autograd.Function and the in-place kernel do not export
+        return lif_inference(seq, decay, threshold)
 
-    def _forward_counts(self, x: Tensor) -> Tensor:
-        """Count-coded forward (counting.py): currents [B, ..., F] -> spike counts [B, ..., F]."""
+    def _counts(self, x: Tensor, decay: float | Tensor, threshold: float | Tensor) -> Tensor:
+        """Count coding: currents [B, ..., F] -> spike counts [B, ..., F] in 0..T."""
         from .counting import count_spikes, count_spikes_margin, lif_counts
 
         T = self.num_timesteps
-        if x.dtype in (torch.float16, torch.bfloat16):
-            with torch.autocast(x.device.type, enabled=False):
-                return self._forward_counts(x.float()).to(x.dtype)
-        if self.per_channel and self.training and not bool(self.calibrated):
-            self._calibrate(x.detach().unsqueeze(0).expand(T, *x.shape))
-        decay, threshold = self.decay_value(), self.threshold_value()
         learnable = any(isinstance(p, Tensor) and p.requires_grad for p in (decay, threshold))
         if torch.is_grad_enabled() and (x.requires_grad or learnable):
-            counts = lif_counts(
+            return lif_counts(
                 x, decay=decay, threshold=threshold, timesteps=T, surrogate=self.surrogate, slope=self.slope
             )
-        elif self.record_margin and not torch.compiler.is_exporting():
+        if self.record_margin and not torch.compiler.is_exporting():
             counts, self.last_margin = count_spikes_margin(x, decay, threshold, T)
-        else:
-            counts = count_spikes(x, decay, threshold, T)
-        if self.homeostasis and self.training and torch._C._current_graph_task_id() == -1:
-            self._adapt(counts.detach() / T)
-        if not torch.compiler.is_exporting():
-            self._record(counts.detach(), steps=T)
-        return counts
+            return counts
+        return count_spikes(x, decay, threshold, T)
 
     @torch.no_grad()
     def _calibrate(self, seq: Tensor) -> None:
