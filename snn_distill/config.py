@@ -171,6 +171,12 @@ class StudentConfig:
         return self.spiking and self.coding == "count"
 
     @property
+    def passes(self) -> int:
+        """Rows of the residual stream (and of the decode cache) per token: T for a temporal spiking
+        student, 1 for a count-coded one and for the ANN twin."""
+        return self.num_timesteps if self.spiking and not self.count_coded else 1
+
+    @property
     def per_channel_neurons(self) -> bool:
         return self.spike_driven or self.count_coded or self.learn_threshold or self.learn_decay
 

@@ -120,7 +120,7 @@ def _attention_and_neurons(
     """Per-token (spiking AC, spiking MAC, ANN MAC) for attention and the LIF updates (table above)."""
     h, hd, c, t = cfg.num_heads, cfg.head_dim, float(mean_context), timesteps
     pairs = t * t if cfg.count_coded else t  # timestep pairs whose spikes meet in a score
-    passes = 1 if cfg.count_coded else t
+    passes = cfg.passes
     snn_ac = {"scores": 0.0, "attn_values": 0.0}
     snn_mac = {"softmax": 0.0, "lif_updates": 0.0}
     ann = {

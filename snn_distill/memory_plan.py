@@ -292,7 +292,7 @@ def plan_memory(
 
     with torch.device("meta"):
         s_params = SpikingStudentLM(scfg).num_parameters()
-    t_steps = scfg.num_timesteps if scfg.spiking and not scfg.count_coded else 1  # body passes per token
+    t_steps = scfg.passes  # body passes per token
     b, s, v, d = cfg.batch_size, cfg.max_length, teacher.vocab_size, scfg.dim
     n_tok = b * s  # real tokens per micro-batch, at most
     chunk = min(cfg.loss_chunk_tokens, n_tok)

@@ -301,9 +301,8 @@ class SpikingStudentLM(nn.Module):
 
     @property
     def passes(self) -> int:
-        """Rows of the residual stream (and of the decode cache) per token: T for a temporal
-        spiking student, 1 for a count-coded one and for the ANN twin."""
-        return 1 if self.config.count_coded else self.timesteps
+        """Rows of the residual stream (and of the decode cache) per token (`StudentConfig.passes`)."""
+        return self.config.passes
 
     def reset_parameters(self) -> None:
         cfg = self.config
