@@ -180,8 +180,8 @@ def _add_snn_flags(g: argparse._ArgumentGroup) -> None:
         "--snn-lif-kernel",
         choices=LIF_KERNELS,
         default=STUDENT_DEFAULTS["lif_kernel"],
-        help="multi-step LIF training kernel: auto (compiled for large layers when torch.compile works, else "
-        "fused), compiled (torch.compile; the first step pays a one-off compile), fused (eager), loop (reference)",
+        help="LIF training kernel, both codings: auto (compiled for large layers when torch.compile works, else "
+        "eager), compiled (torch.compile; the first step pays a one-off compile), fused (eager), loop (reference)",
     )
     g.add_argument(
         "--snn-mode",

@@ -69,7 +69,7 @@ class StudentConfig:
     threshold: float = 1.0
     decay: float = 0.5  # membrane leak beta: u[t] = beta * u[t-1] + I[t] - threshold * s[t-1]
     fused_lif: bool = True  # False: the per-step reference loop, whatever lif_kernel says
-    lif_kernel: str = "auto"  # one of LIF_KERNELS (see neurons.lif_multistep)
+    lif_kernel: str = "auto"  # one of LIF_KERNELS (neurons.lif_multistep; counting.CountLIF)
     # "hybrid": spikes feed Q/K/V attention and the MLP down-projection only (the original student);
     # "spike-driven": every weight matmul reads a spike code (see student.py).
     mode: str = "hybrid"

@@ -32,11 +32,23 @@ computed in the forward loop, so only one [..., F] tensor is kept for the backwa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .neurons import _fire_inference, _resolve, lif_dynamics, lif_margin, surrogate_derivative
+from .config import LIF_KERNELS
+from .neurons import (
+    _COMPILED,
+    _fire_inference,
+    _resolve,
+    kernel_params,
+    lif_dynamics,
+    lif_margin,
+    surrogate_derivative,
+    use_compiled,
+)
 
 __all__ = ["CountLIF", "count_spikes", "count_spikes_margin", "expand_spikes", "lif_counts"]
 
@@ -71,42 +83,91 @@ def count_spikes_margin(
     return spikes.sum(0), margin
 
 
+def _count_loop(
+    current: Tensor,
+    decay: float | Tensor,
+    threshold: float | Tensor,
+    timesteps: int,
+    surrogate: str,
+    slope: float,
+    want_theta: bool = False,
+    want_decay: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The T constant-current steps, once: current [..., F] -> (counts, dc/dI, dc/dθ or None,
+    dc/d(decay) or None), each [..., F].
+
+    Functional ops only (no in-place updates): the same code runs eagerly and compiled.
+    """
+    counts = dcdi = dcdt = dcdb = None
+    gain = 0.0  # du[t]/dI = 1 + decay + ... + decay^t (the reset is detached)
+    g_theta = g_decay = u_prev = s_prev = None  # du/dθ, du/d(decay), u[t-1], s[t-1]; zero at t = 0
+    for x, s in lif_dynamics(_constant(current, timesteps), decay, threshold, _fire_inference):
+        gain = decay * gain + 1.0
+        sg = surrogate_derivative(surrogate, x, slope)
+        counts = s if counts is None else counts + s
+        dcdi = sg * gain if dcdi is None else dcdi + sg * gain
+        if want_theta:
+            g_theta = torch.zeros_like(x) if s_prev is None else decay * g_theta - s_prev
+            term = sg * (g_theta - 1.0)
+            dcdt = term if dcdt is None else dcdt + term
+        if want_decay:
+            g_decay = torch.zeros_like(x) if u_prev is None else u_prev + decay * g_decay
+            term = sg * g_decay
+            dcdb = term if dcdb is None else dcdb + term
+            u_prev = x + threshold  # u[t]
+        s_prev = s
+    return counts, dcdi, dcdt, dcdb
+
+
+def _count_kernel(current: Tensor, decay: Tensor, theta: Tensor, *, timesteps: int, surrogate: str, slope: float):
+    """What the compiled kernel runs: current [M, F] -> (counts, dc/dI), each [M, F]."""
+    return _count_loop(current, decay, theta, timesteps, surrogate, slope)[:2]
+
+
+def _compiled_counts(
+    current: Tensor, decay: float | Tensor, threshold: float | Tensor, timesteps: int, surrogate: str, slope: float
+) -> tuple[Tensor, Tensor]:
+    """`_count_kernel` compiled (one loop over the neurons): current [..., F] -> (counts, dc/dI)."""
+    flat = current.reshape(-1, current.shape[-1]).contiguous()  # one layout: one graph
+    theta, decay_t = kernel_params(current, decay, threshold)
+    key = f"T={timesteps}, {surrogate} surrogate, slope {slope}"
+    fn = functools.partial(_count_kernel, timesteps=timesteps, surrogate=surrogate, slope=slope)
+    counts, dcdi = _COMPILED.call(f"counts {key}", fn, key, flat, decay_t, theta)
+    return counts.view(current.shape), dcdi.view(current.shape)
+
+
 class CountLIF(torch.autograd.Function):
-    """`apply(current [..., F], decay, threshold, T, surrogate, slope) -> counts [..., F]`.
+    """`apply(current [..., F], decay, threshold, T, surrogate, slope, kernel) -> counts [..., F]`.
 
     decay and threshold: floats or per-channel [F] tensors; when they require grad (a learnable leak
     or threshold) their gradients come from the same closed-form recurrences (reset detached):
     du[t]/dθ = decay du[t-1]/dθ - s[t-1] and du[t]/d(decay) = u[t-1] + decay du[t-1]/d(decay), with
     dc/dθ = sum_t sg[t] (du[t]/dθ - 1) and dc/d(decay) = sum_t sg[t] du[t]/d(decay). Saves dc/dI
     (and one tensor per learnable parameter) for the backward pass.
+
+    kernel (neurons.LIF_KERNELS): "compiled" runs the loop as one torch.compile kernel (raises if it
+    cannot), "auto" does so for at least `AUTO_MIN_ELEMENTS` neuron updates (T x current elements)
+    and falls back to eager after a failed compile; "fused" and "loop" run it eagerly. A learnable
+    threshold or leak always runs eagerly.
     """
 
     @staticmethod
-    def forward(ctx, current: Tensor, decay, threshold, timesteps: int, surrogate: str, slope: float) -> Tensor:
+    def forward(
+        ctx, current: Tensor, decay, threshold, timesteps: int, surrogate: str, slope: float, kernel: str
+    ) -> Tensor:
         want_theta = isinstance(threshold, Tensor) and ctx.needs_input_grad[2]
         want_decay = isinstance(decay, Tensor) and ctx.needs_input_grad[1]
-        counts = torch.zeros_like(current)
-        dcdi = torch.zeros_like(current)
-        dcdt = torch.zeros_like(current) if want_theta else None
-        dcdb = torch.zeros_like(current) if want_decay else None
-        gain = 0.0  # du[t]/dI = 1 + decay + ... + decay^t (the reset is detached)
-        g_theta = torch.zeros_like(current) if want_theta else None
-        g_decay = torch.zeros_like(current) if want_decay else None
-        u_prev = torch.zeros_like(current) if want_decay else None
-        s_prev = torch.zeros_like(current)
-        for x, s in lif_dynamics(_constant(current, timesteps), decay, threshold, _fire_inference):
-            gain = decay * gain + 1.0
-            sg = surrogate_derivative(surrogate, x, slope)
-            counts.add_(s)
-            dcdi.add_(sg * gain)
-            if want_theta:
-                g_theta = decay * g_theta - s_prev
-                dcdt.add_(sg * (g_theta - 1.0))
-            if want_decay:
-                g_decay = u_prev + decay * g_decay
-                dcdb.add_(sg * g_decay)
-                u_prev = x + threshold  # u[t]
-            s_prev = s
+        out = None
+        strict = kernel == "compiled"
+        if kernel in ("auto", "compiled") and not (want_theta or want_decay):
+            if use_compiled(current, threshold, strict, timesteps * current.numel()):
+                try:
+                    out = _compiled_counts(current, decay, threshold, timesteps, surrogate, slope) + (None, None)
+                except Exception as e:  # noqa: BLE001 (inductor raises many types: no compiler, unsupported op, ...)
+                    _COMPILED.failed(e, strict)
+        if out is None:
+            out = _count_loop(current, decay, threshold, timesteps, surrogate, slope, want_theta, want_decay)
+        counts, dcdi, dcdt, dcdb = out
         ctx.save_for_backward(dcdi, dcdt, dcdb)
         ctx.shapes = (
             decay.shape if isinstance(decay, Tensor) else None,
@@ -121,7 +182,7 @@ class CountLIF(torch.autograd.Function):
         decay_shape, theta_shape = ctx.shapes
         g_decay = None if dcdb is None else _reduce_to(grad * dcdb, decay_shape)
         g_theta = None if dcdt is None else _reduce_to(grad * dcdt, theta_shape)
-        return grad * dcdi, g_decay, g_theta, None, None, None
+        return grad * dcdi, g_decay, g_theta, None, None, None, None
 
 
 def _reduce_to(g: Tensor, shape: torch.Size) -> Tensor:
@@ -137,12 +198,16 @@ def lif_counts(
     timesteps: int,
     surrogate: str = "sigmoid",
     slope: float | None = None,
+    kernel: str = "auto",
 ) -> Tensor:
     """Spike counts of constant currents [..., F] -> [..., F] (0..T), with surrogate gradients for
-    the current (and a learnable per-channel threshold or leak) when they require grad."""
+    the current (and a learnable per-channel threshold or leak) when they require grad; kernel: see
+    `CountLIF`."""
     k = _resolve(surrogate, slope)
+    if kernel not in LIF_KERNELS:
+        raise ValueError(f"unknown LIF kernel {kernel!r}; valid kernels: {', '.join(LIF_KERNELS)}")
     if torch.is_grad_enabled() and (
         current.requires_grad or any(isinstance(p, Tensor) and p.requires_grad for p in (decay, threshold))
     ):
-        return CountLIF.apply(current, decay, threshold, int(timesteps), surrogate, k)
+        return CountLIF.apply(current, decay, threshold, int(timesteps), surrogate, k, kernel)
     return count_spikes(current, decay, threshold, int(timesteps))

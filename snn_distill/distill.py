@@ -143,11 +143,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, tot
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not norms)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW; weight decay only on matrices (not norms).
+
+    Fused (one kernel per parameter) where torch has that kernel: CPU and CUDA floating-point
+    parameters. On CPU torch's default is otherwise the per-tensor loop, about ten passes over
+    each parameter per step: 12x slower on a 49k x 128 embedding, a tenth of a small student's step.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
 def next_token_labels(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

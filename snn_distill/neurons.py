@@ -458,7 +458,8 @@ class _CompiledLIF:
         self._seen: set[tuple[str, str]] = set()
 
     def call(self, name: str, fn: Callable, key: str, *args):
-        """Run compiled `fn(*args)`; tensor args are [T, M, F] (M, F dynamic), θ [F] or 0-dim.
+        """Run compiled `fn(*args)`; tensor args are [T, M, F] (M, F dynamic) or [M, F] / [F] / [] (all
+        dims dynamic). `name` picks the compiled function: one per kernel and static arguments.
 
         `key` names the graph (what it is specialised on) for the one-off compile-time log line.
         """
@@ -492,21 +493,27 @@ _COMPILED = _CompiledLIF()  # one per process: each kernel compiles once per run
 
 
 def _compiled_spikes(current: Tensor, decay: float, threshold: float | Tensor) -> tuple[Tensor, ...]:
-    """Compiled `lif_inference`: current [T, ..., F] -> (spikes [T, ..., F], its [T, M, F] view, θ [F],
-    decay []).
-
-    θ and decay come back as tensors of the current's dtype (the same rounding as the loop's Python
-    floats); θ as a copy: homeostasis updates the buffer in place before backward reads it.
-    """
+    """Compiled `lif_inference`: current [T, ..., F] -> (spikes [T, ..., F], its [T, M, F] view, and
+    `kernel_params`' θ [F] and decay [])."""
     f = current.shape[-1] if current.dim() > 1 else 1
     seq = current.reshape(current.shape[0], -1, f).contiguous()  # one layout: one graph
+    theta, decay_t = kernel_params(current, decay, threshold)
+    spikes = _COMPILED.call("spikes", lif_inference, f"T={current.shape[0]}", seq, decay_t, theta)
+    return spikes.view(current.shape), seq, theta, decay_t
+
+
+def kernel_params(current: Tensor, decay: float | Tensor, threshold: float | Tensor) -> tuple[Tensor, Tensor]:
+    """θ and decay as tensors for a compiled kernel: (θ [F], decay [] or [F]), in the current's dtype
+    (the same rounding as the loop's Python floats). θ is a copy: homeostasis updates the buffer in
+    place before backward reads it."""
+    f = current.shape[-1] if current.dim() > 1 else 1
     if isinstance(threshold, Tensor):
         theta = threshold.detach().to(current.device, current.dtype).expand(f).clone()
     else:
         theta = torch.full((f,), threshold, dtype=current.dtype, device=current.device)
-    decay_t = torch.tensor(decay, dtype=current.dtype, device=current.device)
-    spikes = _COMPILED.call("spikes", lif_inference, f"T={current.shape[0]}", seq, decay_t, theta)
-    return spikes.view(current.shape), seq, theta, decay_t
+    if isinstance(decay, Tensor):
+        return theta, decay.detach().to(current.device, current.dtype)
+    return theta, torch.tensor(decay, dtype=current.dtype, device=current.device)
 
 
 class LIFMultiStepCompiled(torch.autograd.Function):
@@ -555,17 +562,25 @@ def _not_compilable(current: Tensor, threshold: float | Tensor) -> str | None:
     return None
 
 
+def use_compiled(current: Tensor, threshold: float | Tensor, strict: bool, work: int) -> bool:
+    """Whether a LIF call with `work` neuron updates takes a compiled kernel. strict (an explicit
+    lif_kernel="compiled") raises when it cannot; auto declines small calls and, after one failed
+    compile, every call."""
+    reason = _not_compilable(current, threshold)
+    if strict and reason:
+        raise ValueError(f"lif_kernel='compiled' cannot run this LIF: {reason}; use lif_kernel='fused'")
+    if not strict and (reason or _COMPILED.broken or work < AUTO_MIN_ELEMENTS):
+        return False
+    # inside an outer torch.compile the eager kernel is traced and fused there
+    return not torch.compiler.is_compiling()
+
+
 def _run_compiled(
     current: Tensor, decay: float, threshold: float | Tensor, surrogate: str, slope: float, strict: bool
 ) -> Tensor | None:
     """Spikes from the compiled kernel, or None where auto (not strict) should use the fused kernel."""
-    reason = _not_compilable(current, threshold)
-    if strict and reason:
-        raise ValueError(f"lif_kernel='compiled' cannot run this LIF: {reason}; use lif_kernel='fused'")
-    if not strict and (reason or _COMPILED.broken or current.numel() < AUTO_MIN_ELEMENTS):
+    if not use_compiled(current, threshold, strict, current.numel()):
         return None
-    if torch.compiler.is_compiling():
-        return None  # inside an outer torch.compile the fused kernel is traced and fused there
     try:
         if torch.is_grad_enabled() and current.requires_grad:
             return LIFMultiStepCompiled.apply(current, decay, threshold, surrogate, slope, strict)
@@ -762,7 +777,13 @@ class LIF(torch.nn.Module):
         learnable = any(isinstance(p, Tensor) and p.requires_grad for p in (decay, threshold))
         if torch.is_grad_enabled() and (x.requires_grad or learnable):
             return lif_counts(
-                x, decay=decay, threshold=threshold, timesteps=T, surrogate=self.surrogate, slope=self.slope
+                x,
+                decay=decay,
+                threshold=threshold,
+                timesteps=T,
+                surrogate=self.surrogate,
+                slope=self.slope,
+                kernel=self.kernel if self.fused else "loop",
             )
         if self.record_margin and not torch.compiler.is_exporting():
             counts, self.last_margin = count_spikes_margin(x, decay, threshold, T)

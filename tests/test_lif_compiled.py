@@ -20,8 +20,11 @@ import torch
 
 from snn_distill.cli import configs_from_args, parse_train_args
 from snn_distill.config import StudentConfig
+from snn_distill.counting import lif_counts
 from snn_distill.neurons import (
+    _COMPILED,
     AUTO_MIN_ELEMENTS,
+    DEFAULT_SLOPES,
     LIF,
     lif_dynamics,
     lif_multistep,
@@ -236,9 +239,13 @@ def test_without_a_compiler_auto_falls_back_to_fused_with_one_warning(tmp_path) 
         import logging, sys
         import torch
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        from snn_distill.counting import lif_counts
         from snn_distill.neurons import lif_multistep
         x = torch.randn(4, {AUTO_MIN_ELEMENTS // 1024}, 256, generator=torch.Generator().manual_seed(0))
         ref = lif_multistep(x, decay=0.5, threshold=1.0, kernel="fused")
+        kw = dict(decay=0.5, threshold=1.0, timesteps=4)
+        ref_counts = lif_counts(x[0], kernel="fused", **kw)
+        assert torch.equal(lif_counts(x[0].clone().requires_grad_(), kernel="auto", **kw).detach(), ref_counts)
         for _ in range(2):
             xg = x.clone().requires_grad_()
             s = lif_multistep(xg, decay=0.5, threshold=1.0, kernel="auto")
@@ -248,6 +255,10 @@ def test_without_a_compiler_auto_falls_back_to_fused_with_one_warning(tmp_path) 
             lif_multistep(x, decay=0.5, threshold=1.0, kernel="compiled")
         except RuntimeError as e:
             print("STRICT:", e)
+        try:
+            lif_counts(x[0].clone().requires_grad_(), kernel="compiled", **kw)
+        except RuntimeError as e:
+            print("STRICT COUNTS:", e)
         """
     )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c")}
@@ -257,4 +268,70 @@ def test_without_a_compiler_auto_falls_back_to_fused_with_one_warning(tmp_path) 
     assert len(warnings) == 1, proc.stderr[-3000:]
     assert "using the fused eager LIF kernel" in warnings[0]
     assert "STRICT: could not compile the multi-step LIF" in proc.stdout
+    assert "STRICT COUNTS: could not compile the multi-step LIF" in proc.stdout
     assert "use lif_kernel='fused'" in proc.stdout
+
+
+# --- count coding: the T constant-current steps of `counting.CountLIF` as one compiled kernel -----
+
+
+def _counts_and_grad(kernel: str, current: torch.Tensor, g: torch.Tensor, **kw):
+    x = current.detach().clone().requires_grad_()
+    c = lif_counts(x, kernel=kernel, **kw)
+    (gx,) = torch.autograd.grad(c, x, g)
+    return c, gx
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_compiled_counts_match_the_eager_loop(name: str, T: int) -> None:
+    gen = torch.Generator().manual_seed(T)
+    current = torch.randn(6, 5, 16, generator=gen) * 1.5 + 0.3
+    g = torch.randn(6, 5, 16, generator=gen)
+    theta = torch.rand(16, generator=gen) + 0.4  # per channel, as calibrated students have it
+    kw = dict(decay=0.6, threshold=theta, timesteps=T, surrogate=name)
+    c_c, g_c = _counts_and_grad("compiled", current, g, **kw)
+    c_e, g_e = _counts_and_grad("fused", current, g, **kw)
+    assert f"counts T={T}, {name} surrogate, slope {DEFAULT_SLOPES[name]}" in _COMPILED._fns
+    clear = _clear_neurons(current.expand(T, *current.shape), 0.6, theta)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(c_c[clear], c_e[clear])
+    torch.testing.assert_close(g_c[clear], g_e[clear], rtol=1e-5, atol=1e-5)
+    assert c_e.min() == 0 and c_e.max() == T and g_e.abs().sum() > 0
+
+
+@needs_cxx
+def test_auto_compiles_large_count_currents_only() -> None:
+    before = set(_COMPILED._fns)
+    gen = torch.Generator().manual_seed(3)
+    small = torch.randn(8, 16, generator=gen)
+    kw = dict(decay=0.5, threshold=0.9, timesteps=2, surrogate="fast_sigmoid", slope=7.0)
+    _counts_and_grad("auto", small, torch.ones_like(small), **kw)
+    assert set(_COMPILED._fns) == before  # 256 neuron updates: eager
+    big = torch.randn(AUTO_MIN_ELEMENTS // (2 * 256), 256, generator=gen)  # T x elements = the bar
+    c_a, g_a = _counts_and_grad("auto", big, torch.ones_like(big), **kw)
+    assert set(_COMPILED._fns) - before == {"counts T=2, fast_sigmoid surrogate, slope 7.0"}
+    c_f, g_f = _counts_and_grad("fused", big, torch.ones_like(big), **kw)
+    clear = _clear_neurons(big.expand(2, *big.shape), 0.5, 0.9)
+    assert torch.equal(c_a[clear], c_f[clear])
+    torch.testing.assert_close(g_a[clear], g_f[clear], rtol=1e-5, atol=1e-5)
+
+
+@needs_cxx
+def test_compiled_count_coded_student_trains_like_the_eager_one() -> None:
+    cfg = StudentConfig(vocab_size=50, dim=32, depth=2, num_heads=2, num_timesteps=4, mode="spike-driven")
+    assert cfg.coding == "count"
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for kernel in ("compiled", "fused"):
+        torch.manual_seed(0)
+        student = SpikingStudentLM(dataclasses.replace(cfg, lif_kernel=kernel)).train()
+        loss = torch.nn.functional.cross_entropy(student(ids).flatten(0, 1), ids.roll(-1, 1).flatten())
+        loss.backward()
+        grads[kernel] = (loss.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None])
+    (l_c, g_c), (l_f, g_f) = grads["compiled"], grads["fused"]
+    torch.testing.assert_close(l_c, l_f, rtol=1e-5, atol=1e-5)
+    assert len(g_c) == len(g_f) > 0
+    for a, b in zip(g_c, g_f, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

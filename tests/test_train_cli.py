@@ -375,6 +375,30 @@ def test_scheduler_learning_rates(name, total, warmup, checks):
         assert lrs[step] == pytest.approx(1e-3 * frac, abs=1e-12), (step, lrs)
 
 
+def test_optimizer_is_fused_adamw_with_decay_on_matrices_only():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    opt = make_optimizer(model, 1e-2, 0.1)
+    assert opt.defaults["fused"] is True  # the one-kernel CPU path, not the per-tensor loop
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
+    # the same update as the reference loop implementation
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    ref.load_state_dict(model.state_dict())
+    groups = [{"params": [ref[0].weight], "weight_decay": 0.1}, {"params": [ref[0].bias, *ref[1].parameters()]}]
+    ref_opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=False)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    w0 = model[0].weight.detach().clone()
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            (m(x) - y).pow(2).sum().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert (model[0].weight - w0).abs().min() > 1e-3  # every weight moved: the comparison has teeth
+
+
 # ---- bad input: one line, non-zero exit, no traceback, nothing written ----
 
 
