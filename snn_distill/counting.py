@@ -132,7 +132,7 @@ def _compiled_counts(
     theta, decay_t = kernel_params(current, decay, threshold)
     key = f"T={timesteps}, {surrogate} surrogate, slope {slope}"
     fn = functools.partial(_count_kernel, timesteps=timesteps, surrogate=surrogate, slope=slope)
-    counts, dcdi = _COMPILED.call(f"counts {key}", fn, key, flat, decay_t, theta)
+    counts, dcdi = _COMPILED.call("counts", fn, key, flat, decay_t, theta)
     return counts.view(current.shape), dcdi.view(current.shape)
 
 

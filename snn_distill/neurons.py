@@ -454,17 +454,16 @@ class _CompiledLIF:
 
     def __init__(self) -> None:
         self.broken: str | None = None
-        self._fns: dict[str, Callable] = {}
+        self._fns: dict[tuple[str, str], Callable] = {}
         self._seen: set[tuple[str, str]] = set()
 
     def call(self, name: str, fn: Callable, key: str, *args):
         """Run compiled `fn(*args)`; tensor args are [T, M, F] (M, F dynamic) or [M, F] / [F] / [] (all
-        dims dynamic). `name` picks the compiled function: one per kernel and static arguments.
-
-        `key` names the graph (what it is specialised on) for the one-off compile-time log line.
+        dims dynamic). `key` names what the graph is specialised on (T, surrogate, ...): one compiled
+        function per (name, key), and one compile-time log line.
         """
-        if name not in self._fns:
-            self._fns[name] = torch.compile(fn, fullgraph=True)
+        if (name, key) not in self._fns:
+            self._fns[(name, key)] = torch.compile(fn, fullgraph=True)
         for a in args:
             if isinstance(a, Tensor):
                 for d in range(a.dim() - 2 if a.dim() == 3 else 0, a.dim()):
@@ -473,7 +472,7 @@ class _CompiledLIF:
         # no_grad: one graph for the forward (run inside autograd.Function, where grad is off) and
         # for no-grad calls; the limit: see _RECOMPILE_LIMIT
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            out = self._fns[name](*args)
+            out = self._fns[(name, key)](*args)
         if (name, key) not in self._seen:
             self._seen.add((name, key))
             secs = time.perf_counter() - t0
