@@ -38,11 +38,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .config import LIF_KERNELS
 from .neurons import (
     _COMPILED,
     _fire_inference,
     _resolve,
+    check_kernel,
     kernel_params,
     lif_dynamics,
     lif_margin,
@@ -204,8 +204,7 @@ def lif_counts(
     the current (and a learnable per-channel threshold or leak) when they require grad; kernel: see
     `CountLIF`."""
     k = _resolve(surrogate, slope)
-    if kernel not in LIF_KERNELS:
-        raise ValueError(f"unknown LIF kernel {kernel!r}; valid kernels: {', '.join(LIF_KERNELS)}")
+    check_kernel(kernel)
     if torch.is_grad_enabled() and (
         current.requires_grad or any(isinstance(p, Tensor) and p.requires_grad for p in (decay, threshold))
     ):

@@ -455,14 +455,14 @@ class _CompiledLIF:
     def __init__(self) -> None:
         self.broken: str | None = None
         self._fns: dict[tuple[str, str], Callable] = {}
-        self._seen: set[tuple[str, str]] = set()
 
     def call(self, name: str, fn: Callable, key: str, *args):
         """Run compiled `fn(*args)`; tensor args are [T, M, F] (M, F dynamic) or [M, F] / [F] / [] (all
         dims dynamic). `key` names what the graph is specialised on (T, surrogate, ...): one compiled
         function per (name, key), and one compile-time log line.
         """
-        if (name, key) not in self._fns:
+        first = (name, key) not in self._fns
+        if first:
             self._fns[(name, key)] = torch.compile(fn, fullgraph=True)
         for a in args:
             if isinstance(a, Tensor):
@@ -473,8 +473,7 @@ class _CompiledLIF:
         # for no-grad calls; the limit: see _RECOMPILE_LIMIT
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             out = self._fns[(name, key)](*args)
-        if (name, key) not in self._seen:
-            self._seen.add((name, key))
+        if first:
             secs = time.perf_counter() - t0
             log.info("LIF: compiled the %s kernel (%s) in %.1f s (paid once per run)", name, key, secs)
         return out
@@ -561,6 +560,12 @@ def _not_compilable(current: Tensor, threshold: float | Tensor) -> str | None:
     return None
 
 
+def check_kernel(kernel: str) -> None:
+    """Raise ValueError unless `kernel` is one of LIF_KERNELS."""
+    if kernel not in LIF_KERNELS:
+        raise ValueError(f"unknown LIF kernel {kernel!r}; valid kernels: {', '.join(LIF_KERNELS)}")
+
+
 def use_compiled(current: Tensor, threshold: float | Tensor, strict: bool, work: int) -> bool:
     """Whether a LIF call with `work` neuron updates takes a compiled kernel. strict (an explicit
     lif_kernel="compiled") raises when it cannot; auto declines small calls and, after one failed
@@ -611,8 +616,7 @@ def lif_multistep(
     """
     k = _resolve(surrogate, slope)
     _check_current(current)
-    if kernel not in LIF_KERNELS:
-        raise ValueError(f"unknown LIF kernel {kernel!r}; valid kernels: {', '.join(LIF_KERNELS)}")
+    check_kernel(kernel)
     learnable = isinstance(decay, Tensor) or (isinstance(threshold, Tensor) and threshold.requires_grad)
     if not fused or kernel == "loop" or (learnable and torch.is_grad_enabled()):
         return lif_multistep_loop(current, decay=decay, threshold=threshold, surrogate=surrogate, slope=k)
@@ -683,8 +687,7 @@ class LIF(torch.nn.Module):
         self.surrogate = surrogate
         self.slope = None if slope is None else float(slope)
         self.fused = bool(fused)
-        if kernel not in LIF_KERNELS:
-            raise ValueError(f"unknown LIF kernel {kernel!r}; valid kernels: {', '.join(LIF_KERNELS)}")
+        check_kernel(kernel)
         self.kernel = kernel  # lif_multistep's kernel (fused=False: the loop, whatever this says)
         self.target_rate = target_rate
         if homeostasis < 0 or (homeostasis > 0 and target_rate is None):
