@@ -12,6 +12,7 @@
 #   8-bit teacher           --teacher-quantization 8bit (needs bitsandbytes)
 #   fused loss: Liger       --fused-loss liger (needs liger-kernel: pip install -e '.[cuda]')
 #   compiled kernels        --fused-loss compile + --snn-coding temporal --snn-lif-kernel compiled (Triton)
+#   spike-driven            --snn-mode spike-driven --snn-coding count --snn-lif-kernel compiled (Triton)
 #
 # Each path prints one line: passed / failed / skipped, its wall time, and the peak CUDA memory
 # (torch.cuda.max_memory_allocated, per process) next to the --dry-run plan's peak for the same flags.
@@ -324,10 +325,17 @@ def p_compiled():
                                     "compiled"])
 
 
+def p_spike_driven():
+    # every weight matmul reads spikes; the count-coded LIF as one compiled (Triton) kernel
+    return _train_with("spike_driven", ["--snn-mode", "spike-driven", "--snn-coding", "count", "--snn-lif-kernel",
+                                        "compiled"])
+
+
 PATHS = [("bf16 teacher", p_bf16), ("teacher device", p_teacher_device), ("teacher cache", p_cache),
          ("SIGINT + resume", p_sigint), ("DDP 2 x NCCL + checkpoint", p_ddp), ("eval on " + DEV, p_eval),
          ("generate on " + DEV, p_generate), ("8-bit teacher", p_8bit), ("fused loss: Liger", p_liger),
-         ("compiled loss + LIF (temporal)", p_compiled)]
+         ("compiled loss + LIF (temporal)", p_compiled),
+         ("spike-driven, compiled count LIF", p_spike_driven)]
 
 gpu = torch.cuda.get_device_name(0) if CUDA else "CPU (script test only: no CUDA figures)"
 print(f"gpu_check: {gpu}, {NGPU} GPU(s), torch {torch.__version__}, CUDA {torch.version.cuda}; teacher "
