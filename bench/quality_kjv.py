@@ -28,6 +28,7 @@ students and every sweep point see bit-identical targets, and a student's traini
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -398,6 +399,8 @@ def run_student(kind: str, teacher: CachedTeacher, held, unigram, train_path: Pa
         student_args.update(args.snn_overrides)
     student_args.update(args.student_overrides)
     cfg = train_config(args, train_path, out)
+    if kind == "snn" and args.snn_train_overrides:
+        cfg = dataclasses.replace(cfg, **args.snn_train_overrides)
     log.info("training %s student for %d steps -> %s (%s)", kind, args.steps, out, student_args)
     init = args.init_overrides if (kind == "snn" or args.init_both) else {}
     if init:
@@ -416,6 +419,7 @@ def run_student(kind: str, teacher: CachedTeacher, held, unigram, train_path: Pa
     return {
         "student_type": kind,
         "student_args": student_args,
+        "train_overrides": args.snn_train_overrides if kind == "snn" else {},
         "init_overrides": init,
         "train_seconds": run.metadata["training_results"]["train_seconds"],
         "final_loss": run.metadata["training_results"]["final_loss"],
@@ -517,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-blocks", type=int, default=128, help="held-out 64-token blocks to evaluate on")
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--snn", action="append", default=[], metavar="KEY=VALUE", help="StudentConfig override, SNN only")
+    p.add_argument(
+        "--snn-train",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="TrainConfig override, SNN only (e.g. energy_budget=0.25)",
+    )
     p.add_argument("--student", action="append", default=[], metavar="KEY=VALUE", help="override for both students")
     p.add_argument(
         "--init",
@@ -548,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     if not set(args.students) <= {"snn", "ann"}:
         raise BenchError(f"--students must name snn and/or ann, got {args.students}")
     args.snn_overrides = parse_overrides(args.snn)
+    args.snn_train_overrides = parse_overrides(args.snn_train)
     args.student_overrides = parse_overrides(args.student)
     args.init_overrides = parse_overrides(args.init)
     out = Path(args.out)
@@ -600,7 +612,10 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     summary["runs"] = {
-        k: {kk: v[kk] for kk in ("student_args", "init_overrides", "train_seconds", "final_loss", "artifacts")}
+        k: {
+            kk: v[kk]
+            for kk in ("student_args", "train_overrides", "init_overrides", "train_seconds", "final_loss", "artifacts")
+        }
         for k, v in results.items()
     }
     summary["teacher_cache"] = {

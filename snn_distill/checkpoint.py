@@ -79,6 +79,10 @@ RESPONSE_FINGERPRINT_FIELDS = (
 )
 
 
+# an energy budget changes the loss (only then: checkpoints of runs without one stay resumable)
+ENERGY_FINGERPRINT_FIELDS = ("energy_budget", "energy_budget_body", "energy_weight")
+
+
 def run_fingerprint(train_cfg: Any, student_cfg: Any, world_size: int) -> dict[str, Any]:
     """The settings a resumed run must share with the checkpoint's run (plain JSON values).
 
@@ -88,6 +92,8 @@ def run_fingerprint(train_cfg: Any, student_cfg: Any, world_size: int) -> dict[s
     fp: dict[str, Any] = {k: tc.get(k) for k in FINGERPRINT_FIELDS if k in tc}
     if tc.get("teacher_responses"):  # only then: checkpoints of runs without replies stay resumable
         fp.update({k: tc.get(k) for k in RESPONSE_FINGERPRINT_FIELDS})
+    if tc.get("energy_budget") is not None or tc.get("energy_budget_body") is not None:
+        fp.update({k: tc.get(k) for k in ENERGY_FINGERPRINT_FIELDS})
     if tc.get("scheduler", "constant") != "constant":
         fp["num_steps"] = tc.get("num_steps")
     sc = student_cfg.to_dict() if hasattr(student_cfg, "to_dict") else dict(student_cfg)

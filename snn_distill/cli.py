@@ -216,6 +216,27 @@ def _add_snn_flags(g: argparse._ArgumentGroup) -> None:
         default=STUDENT_DEFAULTS["homeostasis"],
         help="spike-driven: rate at which thresholds adapt toward --snn-target-rate while training (0: off)",
     )
+    g.add_argument(
+        "--snn-energy-budget",
+        type=float,
+        default=TRAIN_DEFAULTS["energy_budget"],
+        metavar="RATIO",
+        help="train to this estimated energy per token, as a ratio to the ANN twin's (e.g. 0.25): the loss adds "
+        "--snn-energy-weight times the excess; off by default",
+    )
+    g.add_argument(
+        "--snn-energy-budget-body",
+        type=float,
+        default=TRAIN_DEFAULTS["energy_budget_body"],
+        metavar="RATIO",
+        help="the same budget for the body alone (everything but the LM head), e.g. 0.15",
+    )
+    g.add_argument(
+        "--snn-energy-weight",
+        type=float,
+        default=TRAIN_DEFAULTS["energy_weight"],
+        help="weight of the energy budget's penalty in the loss",
+    )
 
 
 def _add_teacher_flags(g: argparse._ArgumentGroup) -> None:
@@ -408,11 +429,15 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, 
         response_loss_only=getattr(args, "response_loss_only", False),
         on_policy_fraction=getattr(args, "on_policy_fraction", 0.0),
         max_texts=getattr(args, "max_texts", None),
+        energy_budget=getattr(args, "snn_energy_budget", None),
+        energy_budget_body=getattr(args, "snn_energy_budget_body", None),
+        energy_weight=getattr(args, "snn_energy_weight", TRAIN_DEFAULTS["energy_weight"]),
     )
     student = {field: getattr(args, dest) for dest, field in STUDENT_FLAGS.items()}
     student["qat_int8"] = args.qat == "int8"
     # Validate the student shape now (vocab is the teacher's, unknown yet), before loading anything.
     StudentConfig(vocab_size=2, **student)
+    cfg.check_student(student["student_type"])
     return cfg, student
 
 

@@ -279,6 +279,12 @@ class TrainConfig:
     response_loss_only: bool = False
     on_policy_fraction: float = 0.0  # share of micro-batches whose reply the student samples itself
     max_texts: int | None = None  # keep the first N texts of the dataset
+    # energy budget of a spiking student (energy.training_energy_ratios): the loss adds
+    # energy_weight * (max(0, whole - energy_budget) + max(0, body - energy_budget_body)), the estimated
+    # energy per token over the ANN twin's, whole model and body (None: no budget)
+    energy_budget: float | None = None
+    energy_budget_body: float | None = None
+    energy_weight: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -325,6 +331,21 @@ class TrainConfig:
             f"--teacher-quantization must be none, 8bit or 4bit, got {self.teacher_quantization!r}",
         )
         self._check_responses()
+        for flag, v in (("--snn-energy-budget", self.energy_budget),
+                        ("--snn-energy-budget-body", self.energy_budget_body)):  # fmt: skip
+            _check(v is None or v > 0, f"{flag} is a ratio to the ANN twin's energy: give one > 0 (e.g. 0.25), not {v}")
+        _check(self.energy_weight > 0, f"--snn-energy-weight must be > 0 (try 1-10), got {self.energy_weight}")
+
+    @property
+    def energy_budgeted(self) -> bool:
+        return self.energy_budget is not None or self.energy_budget_body is not None
+
+    def check_student(self, student_type: str) -> None:
+        """Raise ValueError when a setting needs another kind of student."""
+        _check(
+            not self.energy_budgeted or student_type == "snn",
+            "--snn-energy-budget needs a spiking student: drop it or use --student-type snn",
+        )
 
     def _check_responses(self) -> None:
         _check(self.max_texts is None or self.max_texts >= 1, f"--max-texts must be positive, got {self.max_texts}")

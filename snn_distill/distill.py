@@ -54,6 +54,7 @@ from .distributed import (
     shutdown,
     wrap_for_training,
 )
+from .energy import training_energy_ratios
 from .failures import is_out_of_memory, out_of_memory_message
 from .fused_loss import resolve_fused_loss
 from .losses import TeacherTargets, chunked_distill_loss, token_weights
@@ -205,6 +206,8 @@ class StepStats:
     grad_norm: float = 0.0
     spike_rate: float | None = None
     layer_rates: dict[str, float] = field(default_factory=dict)
+    energy: float | None = None  # with an energy budget: estimated energy ratio to the ANN twin, whole model
+    energy_body: float | None = None  # ... and body
 
 
 def distill_step(
@@ -246,8 +249,10 @@ def distill_step(
     pinned = device.type == "cuda"  # host batches go through page-locked memory, copied without a sync
     sums: list[torch.Tensor] = []  # (loss, kd, ce) per micro-batch, read back once per step
     rate_sums: dict[str, torch.Tensor] = {}
+    energy_sums: list[torch.Tensor] = []  # (whole, body) energy ratios per micro-batch, token-weighted
     for i, (ids, mask, targets) in enumerate(micro_batches):
         n = int(mask.sum())  # counted before the copy to the device: no device sync
+        context = mean_context(mask) if cfg.energy_budgeted else 0.0
         if pinned:
             ids, mask = ids.pin_memory(), mask.pin_memory()
         ids, mask = ids.to(device, non_blocking=pinned), mask.to(device, non_blocking=pinned)
@@ -276,6 +281,10 @@ def distill_step(
                 fused=cfg.fused_loss,
             )
             del tgt
+            if cfg.energy_budgeted:
+                penalty, ratios = energy_penalty(student, context, cfg)
+                loss = loss + penalty * (n / max(total_tokens, 1))
+                energy_sums.append(ratios * (n / max(total_tokens, 1)))
             # DDP averages gradients over ranks; the loss is already a share of the global mean.
             scaled = loss * dist.world_size if dist.enabled else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -287,18 +296,41 @@ def distill_step(
     # one host read per step, not one per micro-batch and layer (each is a sync on a GPU)
     keys = list(rate_sums)
     rate_vals = [rate_sums[k].reshape(1).double().cpu() for k in keys]
-    values = torch.cat([torch.stack(sums).sum(0).cpu(), *rate_vals]).tolist()
+    energy_vals = [torch.stack(energy_sums).sum(0).double().cpu()] if energy_sums else []
+    values = torch.cat([torch.stack(sums).sum(0).cpu(), *energy_vals, *rate_vals]).tolist()
     stats.loss, stats.kd, stats.ce = values[:3]
-    rates = dict(zip(keys, values[3:]))
+    head = 5 if energy_sums else 3
+    energy = values[3:head]
+    rates = dict(zip(keys, values[head:]))
     if dist.enabled:
         keys = list(rates)
-        summed = all_reduce_sum([stats.loss, stats.kd, stats.ce, *(rates[k] for k in keys)], dist)
+        summed = all_reduce_sum([*values[:head], *(rates[k] for k in keys)], dist)
         stats.loss, stats.kd, stats.ce = summed[:3]
-        rates = dict(zip(keys, summed[3:]))
+        energy = summed[3:head]
+        rates = dict(zip(keys, summed[head:]))
+    if energy:
+        stats.energy, stats.energy_body = energy
     if rates:
         stats.layer_rates = rates
         stats.spike_rate = sum(rates.values()) / len(rates)
     return stats
+
+
+def mean_context(mask: torch.Tensor) -> float:
+    """Mean over the real tokens of (position + 1), the attended positions (mask [B, S], right padded)."""
+    lens = mask.sum(1, dtype=torch.float64)
+    return float((lens * (lens + 1) / 2).sum() / lens.sum().clamp_min(1))
+
+
+def energy_penalty(student: SpikingStudentLM, context: float, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The energy budget's hinge penalty for the last forward (`context`: its `mean_context`) ->
+    (penalty, detached [whole, body] energy ratios to the ANN twin)."""
+    whole, body = training_energy_ratios(student, context)
+    penalty = whole.new_zeros(())
+    for ratio, budget in ((whole, cfg.energy_budget), (body, cfg.energy_budget_body)):
+        if budget is not None:
+            penalty = penalty + torch.relu(ratio - budget)
+    return cfg.energy_weight * penalty, torch.stack([whole, body]).detach()
 
 
 def _kept_labels(ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -310,7 +342,8 @@ def _kept_labels(ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | Non
 class CsvLog:
     """training_log.csv, one row per logged step (appended and flushed as training runs)."""
 
-    FIELDS = ["step", "loss", "kd_loss", "ce_loss", "lr", "tokens_per_s", "spike_rate", "grad_norm"]
+    FIELDS = ["step", "loss", "kd_loss", "ce_loss", "lr", "tokens_per_s", "spike_rate", "grad_norm", "energy_ratio",
+              "body_energy_ratio"]  # fmt: skip
 
     def __init__(self, path: Path, layer_names: list[str], resume_step: int | None = None) -> None:
         """resume_step: continue the log of a resumed run, dropping rows logged after that step."""
@@ -342,6 +375,8 @@ class CsvLog:
                 f"{tps:.1f}",
                 rate,
                 f"{s.grad_norm:.4f}",
+                "" if s.energy is None else f"{s.energy:.5f}",
+                "" if s.energy_body is None else f"{s.energy_body:.5f}",
                 *layer,
             ]
         )
@@ -511,8 +546,10 @@ class DistillRecipe:
         """Student, optimizer and schedule; restored from the checkpoint when resuming; DDP-wrapped."""
         cfg, dctx, teacher = self.cfg, self.dctx, self.teacher
         self.scfg = StudentConfig(vocab_size=teacher.vocab_size, **student_args)
+        cfg.check_student(self.scfg.student_type)
         self.student = SpikingStudentLM(self.scfg).to(self.device)
         self.student.train()
+        self.student.keep_spike_counts(cfg.energy_budgeted)
         self.optimizer = make_optimizer(self.student, cfg.lr, cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.scheduler, cfg.warmup_steps, cfg.num_steps)
         self.fingerprint = run_fingerprint(cfg, self.scfg, dctx.world_size)
@@ -742,6 +779,8 @@ class DistillRecipe:
         msg += f" tok/s {tps:.0f}"
         if stats.spike_rate is not None:
             msg += f" spike-rate {stats.spike_rate:.3f}"
+        if stats.energy is not None:
+            msg += f" energy {stats.energy:.3f} (body {stats.energy_body:.3f}) x ANN"
         _log_line(self.bar, msg)
         self.csv_log.row(step, stats, lr, tps)
         if self.tb is not None:
@@ -957,6 +996,9 @@ class DistillRecipe:
             "resumed_from_step": self.start_step or None,
             "precision": precision_metadata(self.device, self.amp_dtype, self.scaler),
             "teacher_responses": None if self.replies is None else self.replies.summary,
+            "energy_budget": cfg.energy_budget,
+            "energy_budget_body": cfg.energy_budget_body,
+            "energy_weight": cfg.energy_weight if cfg.energy_budgeted else None,
         }
 
     def _write_curves(self, png: Path) -> None:

@@ -114,6 +114,12 @@ class MatmulCounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def qkv_parts(cfg: Any) -> tuple[tuple[str, slice], ...]:
+    """The q, k and v channel slices of a fused Q/K/V projection's output (its LIF's channels)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return (("q", slice(0, q)), ("k", slice(q, q + kv)), ("v", slice(q + kv, q + 2 * kv)))
+
+
 def _attention_and_neurons(
     cfg: Any, timesteps: int, layers: dict[str, dict[str, Any]], mean_context: float
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
@@ -201,3 +207,30 @@ def operation_counts(
         breakdown_per_token={"snn_ac": snn_ac, "snn_mac": snn_mac, "ann_mac": ann},
     )
     return out
+
+
+def training_energy_ratios(model: torch.nn.Module, mean_context: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whole model, body) energy per token of a spiking student over its ANN twin's, as 0-dim
+    tensors in the autograd graph: `operation_counts`'s accounting applied to the spikes per channel
+    that the LIFs kept in the last forward (`SpikingStudentLM.keep_spike_counts`). Its gradient
+    reaches every spike through the surrogate: an energy budget's penalty in training."""
+    cfg, t = model.config, model.timesteps
+    layers: dict[str, dict[str, Any]] = {}
+    for m in model.lif_modules():
+        c = m.last_counts
+        if c is None:
+            raise RuntimeError(f"{m.stat_name} kept no spike counts: call keep_spike_counts(True) before the forward")
+        entry: dict[str, Any] = {"neurons": c.numel()}
+        if m.stat_name.endswith(".qkv"):
+            for part, sl in qkv_parts(cfg):
+                entry[f"rate_{part}"] = c[sl].sum() / (m.last_tokens * t * c[sl].numel())
+        layers[m.stat_name] = entry
+    matmuls = {}
+    for name, fan_in, fan_out, src in model.weight_matmuls():
+        if isinstance(src, int):  # a real-valued operand: src rows of fan_in values per token
+            matmuls[name] = MatmulOps(fan_in=fan_in, fan_out=fan_out, mac=float(src * fan_in * fan_out))
+        else:
+            ac = src.last_counts.sum() / max(src.last_tokens, 1) * fan_out
+            matmuls[name] = MatmulOps(fan_in=fan_in, fan_out=fan_out, ac=ac)  # type: ignore[arg-type]
+    rep = operation_counts(model, matmuls, 1, layers, mean_context)
+    return rep["energy_ratio_snn_to_ann"], rep["without_lm_head"]["energy_ratio_snn_to_ann"]

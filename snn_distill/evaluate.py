@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import unigram_counts
-from .energy import AC_PJ, ENERGY_NOTE, MAC_PJ, MatmulCounter, operation_counts  # noqa: F401 (re-exported)
+from .energy import AC_PJ, ENERGY_NOTE, MAC_PJ, MatmulCounter, operation_counts, qkv_parts  # noqa: F401 (re-exported)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -231,8 +231,7 @@ def spike_statistics(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             "spikes_per_token": float(counts.sum()) * t / obs,
         }
         if m.stat_name.endswith(".qkv"):
-            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            for part, sl in (("q", slice(0, q)), ("k", slice(q, q + kv)), ("v", slice(q + kv, q + 2 * kv))):
+            for part, sl in qkv_parts(cfg):
                 entry[f"rate_{part}"] = float(counts[sl].sum()) / (obs * counts[sl].numel())
         stats[m.stat_name] = entry
     return stats

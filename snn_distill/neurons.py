@@ -643,7 +643,9 @@ class LIF(torch.nn.Module):
     `last_spike_rate` holds the mean spike value (0-dim float32, detached); with `record_stats`
     it also accumulates `fire_counts` (float64 [F], spikes per neuron) and `num_observations`
     (rows of F neurons seen, i.e. timesteps x tokens) until `reset_stats()`; with `record_margin`,
-    a forward without grad also leaves `lif_margin`'s margin of its input in `last_margin`.
+    a forward without grad also leaves `lif_margin`'s margin of its input in `last_margin`; with
+    `keep_counts`, a forward with grad leaves its spikes per channel [F] (float32, in the autograd
+    graph) in `last_counts` and its token count in `last_tokens` (an energy budget's penalty).
 
     With `channels`, the threshold is per channel (a buffer, or a parameter with
     `learn_threshold`), and `learn_decay` makes the leak a per-channel parameter (decay = sigmoid(w),
@@ -704,7 +706,10 @@ class LIF(torch.nn.Module):
         self.decay_logit = torch.nn.Parameter(torch.full((int(channels),), _logit(self.decay))) if learn_decay else None
         self.record_stats = False
         self.record_margin = False
+        self.keep_counts = False
         self.last_spike_rate: Tensor | None = None
+        self.last_counts: Tensor | None = None  # with keep_counts: spikes per channel [F], in the graph
+        self.last_tokens = 0
         self.last_margin: Tensor | None = None
         self.fire_counts: Tensor | None = None  # None until the first recorded forward
         self.num_observations = 0
@@ -751,6 +756,10 @@ class LIF(torch.nn.Module):
         # while exporting, x is a fake tensor and torch.export warns about tensor attributes
         if not torch.compiler.is_exporting():
             self._record(out.detach(), steps=steps)
+            if self.keep_counts and torch.is_grad_enabled():
+                feats = out.shape[-1]
+                self.last_counts = out.reshape(-1, feats).sum(0, dtype=torch.float32)
+                self.last_tokens = out.numel() // feats // (1 if self.count else T)
         return out
 
     def _spikes(self, seq: Tensor, decay: float | Tensor, threshold: float | Tensor) -> Tensor:

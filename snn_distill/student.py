@@ -387,6 +387,31 @@ class SpikingStudentLM(nn.Module):
     def lif_modules(self) -> list[LIF]:
         return [m for m in self.modules() if isinstance(m, LIF)]
 
+    def weight_matmuls(self) -> list[tuple[str, int, int, LIF | int]]:
+        """Every weight matmul as (name as `energy.MatmulCounter` names it, fan_in, fan_out, operand):
+        the operand is the LIF whose spike code it reads, or the rows per token of a real-valued input."""
+        cfg, rows = self.config, self.passes
+        out: list[tuple[str, int, int, LIF | int]] = []
+        for i, blk in enumerate(self.blocks):
+            a, m = blk.attn, blk.mlp
+            for name, lin, src in (
+                ("attn.qkv", a.qkv, a.in_lif),
+                ("attn.proj", a.proj, a.out_lif),
+                ("mlp.up", m.up, m.in_lif),
+                ("mlp.down", m.down, m.lif),
+            ):
+                out.append((f"blocks.{i}.{name}", lin.in_features, lin.out_features, src if src is not None else rows))
+        head_src = self.head_lif if self.head_lif is not None else 1  # the head reads the mean over T
+        out.append(("lm_head", cfg.dim, cfg.vocab_size, head_src))
+        return out
+
+    def keep_spike_counts(self, on: bool) -> None:
+        """Keep each LIF's per-channel spike sums in the autograd graph (`LIF.keep_counts`), for an
+        energy budget in training (energy.training_energy_ratios)."""
+        for m in self.lif_modules():
+            m.keep_counts = on
+            m.last_counts = None
+
     def spike_rates(self) -> dict[str, float]:
         """Mean spike rate of each LIF layer during the last forward pass."""
         return {m.stat_name: float(m.last_spike_rate) for m in self.lif_modules() if m.last_spike_rate is not None}

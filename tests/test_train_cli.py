@@ -443,10 +443,17 @@ def test_bad_data(tiny_teacher_dir, capsys, tmp_path):
         ("--kd-loss", "mse", "invalid choice"),
         ("--student-heads", "3", "divisible"),
         ("--snn-threshold", "-1", "--snn-threshold"),
+        ("--snn-energy-budget", "0", "--snn-energy-budget is a ratio"),
+        ("--snn-energy-weight", "-1", "--snn-energy-weight must be > 0"),
     ],
 )
 def test_bad_values(tiny_teacher_dir, capsys, tmp_path, flag, value, match):
     _bad(["--teacher-model", str(tiny_teacher_dir), *SMALL, flag, value], capsys, tmp_path, match)
+
+
+def test_energy_budget_of_an_ann_student(tiny_teacher_dir, capsys, tmp_path):
+    argv = ["--teacher-model", str(tiny_teacher_dir), *SMALL, "--student-type", "ann", "--snn-energy-budget", "0.3"]
+    _bad(argv, capsys, tmp_path, "needs a spiking student")
 
 
 def test_missing_teacher_flag(capsys, tmp_path):

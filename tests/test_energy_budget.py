@@ -1,0 +1,107 @@
+"""The energy budget in training: the differentiable estimate equals the evaluation's accounting, its
+hinge penalty pushes spikes down only above the budget, and a budgeted run ends near its budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from snn_distill.config import StudentConfig, TrainConfig
+from snn_distill.distill import energy_penalty, mean_context
+from snn_distill.energy import training_energy_ratios
+from snn_distill.evaluate import efficiency_report, measure_spikes
+from snn_distill.student import SpikingStudentLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def calibrated(**kw) -> tuple[SpikingStudentLM, torch.Tensor]:
+    torch.manual_seed(0)
+    cfg = StudentConfig(vocab_size=97, dim=32, depth=2, num_heads=4, num_kv_heads=2, num_timesteps=4, **kw)
+    model = SpikingStudentLM(cfg)
+    ids = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+    model.train()
+    model(ids)  # calibrates the thresholds
+    model.eval()  # same spikes in both passes below
+    return model, ids
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(mode="spike-driven", coding="count"),
+        dict(mode="spike-driven", coding="count", ternary=True),
+        dict(mode="spike-driven", coding="temporal"),
+        dict(mode="hybrid", coding="temporal"),
+        dict(mode="hybrid", coding="count"),
+    ],
+    ids=lambda kw: "-".join(str(v) for v in kw.values()),
+)
+def test_training_estimate_equals_the_evaluation_accounting(kw):
+    model, ids = calibrated(**kw)
+    rep = efficiency_report(model, measure_spikes(model, [(ids, torch.ones_like(ids))]))
+    model.keep_spike_counts(True)
+    with torch.enable_grad():
+        model(ids)
+    whole, body = training_energy_ratios(model, mean_context(torch.ones_like(ids)))
+    assert whole.requires_grad and body.requires_grad
+    assert float(whole.detach()) == pytest.approx(rep["energy_ratio_snn_to_ann"], rel=1e-5)
+    assert float(body.detach()) == pytest.approx(rep["without_lm_head"]["energy_ratio_snn_to_ann"], rel=1e-5)
+
+
+def test_mean_context_counts_the_real_tokens_of_right_padded_rows():
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert mean_context(mask) == pytest.approx((1 + 2 + 3 + 4 + 1 + 2) / 6)
+
+
+def test_hinge_pushes_spikes_down_only_above_the_budget():
+    model, ids = calibrated(mode="spike-driven", coding="count")
+    model.train()
+    model.keep_spike_counts(True)
+    model(ids)
+    whole, body = (float(r) for r in training_energy_ratios(model, 8.5))
+    for budget, budget_body, active in ((whole + 0.01, body + 0.01, False), (whole - 0.05, None, True),
+                                        (None, body - 0.05, True)):  # fmt: skip
+        model.zero_grad()
+        model(ids)
+        cfg = TrainConfig(teacher_model="t", energy_budget=budget, energy_budget_body=budget_body, energy_weight=2.0)
+        penalty, ratios = energy_penalty(model, 8.5, cfg)
+        assert torch.allclose(ratios, torch.tensor([whole, body]))
+        if not active:
+            assert float(penalty) == 0.0
+            continue
+        excess = (whole - budget) if budget is not None else (body - budget_body)
+        assert float(penalty) == pytest.approx(2.0 * excess, rel=1e-5)
+        penalty.backward()
+        up = model.blocks[0].mlp.up.weight.grad
+        assert up is not None and float(up.abs().sum()) > 0  # reaches the weights through the surrogate
+        if budget_body is not None:  # the body's budget never touches the head's input neurons
+            assert model.head_gain.grad is None or float(model.head_gain.grad.abs().sum()) == 0
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_ends_near_its_budget_and_below_the_free_run(tiny_teacher_dir, tmp_path):
+    from snn_distill.cli import train_main
+
+    def train(name, *extra):
+        out = tmp_path / name
+        argv = ["--teacher-model", str(tiny_teacher_dir), "--num-steps", "40", "--batch-size", "4", "--max-length",
+                "32", "--pack", "--student-dim", "32", "--student-heads", "4", "--snn-mode", "spike-driven",
+                "--snn-target-rate", "0.3", "--lr", "3e-3", "--output-dir", str(out), "--device", "cpu",
+                "--log-interval", "10", "--quiet", "--no-git-tracking", *extra]  # fmt: skip
+        assert train_main(argv) == 0
+        meta = json.loads((out / "metadata.json").read_text())
+        return meta, (out / "training_log.csv").read_text().splitlines()
+
+    free, _ = train("free")
+    ratio = free["efficiency"]["energy_ratio_snn_to_ann"]
+    budget = round(0.6 * ratio, 3)
+    held, log = train("budget", "--snn-energy-budget", str(budget))
+    assert held["training_config"]["energy_budget"] == budget
+    got = held["efficiency"]["energy_ratio_snn_to_ann"]
+    assert got <= budget * 1.15, (got, budget, ratio)
+    assert got < 0.8 * ratio
+    header, last = log[0].split(","), log[-1].split(",")
+    assert float(last[header.index("energy_ratio")]) <= budget * 1.15  # logged while training
