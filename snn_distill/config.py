@@ -284,7 +284,7 @@ class TrainConfig:
     # energy per token over the ANN twin's, whole model and body (None: no budget)
     energy_budget: float | None = None
     energy_budget_body: float | None = None
-    energy_weight: float = 10.0
+    energy_weight: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
