@@ -28,6 +28,7 @@ students and every sweep point see bit-identical targets, and a student's traini
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -353,7 +354,6 @@ def patched_init(overrides: dict[str, float]):
     """A context manager that changes `SpikingStudentLM.reset_parameters` for a sweep point (the
     package itself is not edited): embed_std (token embedding std, default 0.02), in_scale (factor
     on the 1/sqrt(D) std of qkv and up), out_std (std of proj and down, default 0.02/sqrt(2 depth))."""
-    import contextlib
     import math as _m
 
     from snn_distill.student import SpikingStudentLM
@@ -389,6 +389,31 @@ def patched_init(overrides: dict[str, float]):
     return ctx()
 
 
+def real_inputs(pattern: str):
+    """A context manager for a diagnostic run: every LIF whose name (`blocks.1.attn.out`, `head.in`, ...)
+    matches the regular expression `pattern` is built as an identity, so the weight matmul after it
+    reads real values. It measures what each spike code costs in quality; such a student is not
+    spike-driven (its energy figures count those matmuls as multiply-accumulates)."""
+    import snn_distill.student as student_module
+
+    regex = re.compile(pattern)
+
+    @contextlib.contextmanager
+    def ctx():
+        original = student_module._make_lif
+
+        def make(cfg, name, channels, signed=False):
+            return torch.nn.Identity() if regex.search(name) else original(cfg, name, channels, signed)
+
+        student_module._make_lif = make
+        try:
+            yield
+        finally:
+            student_module._make_lif = original
+
+    return ctx()
+
+
 def run_student(kind: str, teacher: CachedTeacher, held, unigram, train_path: Path, args) -> dict[str, Any]:
     from snn_distill.distill import train
     from snn_distill.evaluate import evaluate_efficiency, evaluate_fidelity, format_report
@@ -403,11 +428,13 @@ def run_student(kind: str, teacher: CachedTeacher, held, unigram, train_path: Pa
         cfg = dataclasses.replace(cfg, **args.snn_train_overrides)
     log.info("training %s student for %d steps -> %s (%s)", kind, args.steps, out, student_args)
     init = args.init_overrides if (kind == "snn" or args.init_both) else {}
-    if init:
-        log.info("%s initialisation overrides: %s", kind, init)
-        with patched_init(init):
-            run = train(cfg, student_args, teacher=teacher, progress=False)
-    else:
+    with contextlib.ExitStack() as stack:
+        if init:
+            log.info("%s initialisation overrides: %s", kind, init)
+            stack.enter_context(patched_init(init))
+        if kind == "snn" and args.real_inputs:
+            log.info("diagnostic: LIFs matching %r are identities (real-valued matmul inputs)", args.real_inputs)
+            stack.enter_context(real_inputs(args.real_inputs))
         run = train(cfg, student_args, teacher=teacher, progress=False)
     student = run.student
     t0 = time.perf_counter()
@@ -421,6 +448,7 @@ def run_student(kind: str, teacher: CachedTeacher, held, unigram, train_path: Pa
         "student_args": student_args,
         "train_overrides": args.snn_train_overrides if kind == "snn" else {},
         "init_overrides": init,
+        "real_inputs": args.real_inputs if kind == "snn" else "",
         "train_seconds": run.metadata["training_results"]["train_seconds"],
         "final_loss": run.metadata["training_results"]["final_loss"],
         "evaluation": ev,
@@ -537,6 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"init override, SNN only unless --init-both: {', '.join(INIT_KEYS)}",
     )
     p.add_argument("--init-both", action="store_true", help="apply --init to the ANN student too")
+    p.add_argument(
+        "--real-inputs",
+        default="",
+        metavar="REGEX",
+        help="diagnostic, SNN only: LIFs whose name matches become identities (e.g. 'head\\.in$'): the quality "
+        "cost of those spike codes",
+    )
     p.add_argument("--tag", default="", help="name of this run (sweeps); artifacts go to OUT/<kind>-<tag>")
     p.add_argument("--ann-from", default="", metavar="TAG", help="compare with the ANN twin of run TAG (same recipe)")
     p.add_argument("--measure", type=int, default=0, help="time N steps per student and exit")
@@ -614,7 +649,15 @@ def main(argv: list[str] | None = None) -> int:
     summary["runs"] = {
         k: {
             kk: v[kk]
-            for kk in ("student_args", "train_overrides", "init_overrides", "train_seconds", "final_loss", "artifacts")
+            for kk in (
+                "student_args",
+                "train_overrides",
+                "init_overrides",
+                "real_inputs",
+                "train_seconds",
+                "final_loss",
+                "artifacts",
+            )
         }
         for k, v in results.items()
     }
