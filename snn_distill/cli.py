@@ -199,16 +199,24 @@ def _add_snn_flags(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--snn-ternary",
-        action="store_true",
-        help="spike-driven: the LIFs on normalised inputs emit signed spikes (-1, 0, 1), keeping the sign",
+        action=argparse.BooleanOptionalAction,
+        default=STUDENT_DEFAULTS["ternary"],
+        help="spike-driven: the LIFs on normalised inputs emit signed spikes (-1, 0, 1), keeping the sign "
+        "(default: on for spike-driven)",
     )
-    g.add_argument("--snn-learn-threshold", action="store_true", help="learn a per-channel firing threshold")
+    g.add_argument(
+        "--snn-learn-threshold",
+        action=argparse.BooleanOptionalAction,
+        default=STUDENT_DEFAULTS["learn_threshold"],
+        help="learn a per-channel firing threshold (default: on for spike-driven, off for hybrid)",
+    )
     g.add_argument("--snn-learn-decay", action="store_true", help="learn a per-channel membrane leak (PLIF)")
     g.add_argument(
         "--snn-target-rate",
         type=float,
         default=STUDENT_DEFAULTS["target_rate"],
-        help="spike-driven or count coding: firing rate the thresholds are calibrated to on the first batch",
+        help="spike-driven or count coding: firing rate the thresholds are calibrated to on the first batch "
+        "(default: 0.15 hybrid, 0.20 spike-driven)",
     )
     g.add_argument(
         "--snn-homeostasis",

@@ -24,6 +24,15 @@ SNN_MODES = ("hybrid", "spike-driven")
 SNN_CODINGS = ("temporal", "count")
 
 
+# The neuron settings each layout gets unless told otherwise, chosen by measurement (BENCHMARKS.md,
+# issue 12): spike-driven students are ternary with learned thresholds calibrated to 0.20, which beat
+# binary spikes at 0.15 on both teachers in perplexity, energy and dead neurons.
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "hybrid": {"learn_threshold": False, "target_rate": 0.15, "ternary": False},
+    "spike-driven": {"learn_threshold": True, "target_rate": 0.20, "ternary": True},
+}
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -73,21 +82,28 @@ class StudentConfig:
     # "hybrid": spikes feed Q/K/V attention and the MLP down-projection only (the original student);
     # "spike-driven": every weight matmul reads a spike code (see student.py).
     mode: str = "hybrid"
-    learn_threshold: bool = False  # per-channel learnable threshold
+    learn_threshold: bool | None = None  # per-channel learnable threshold (None: the mode's default)
     learn_decay: bool = False  # per-channel learnable leak, decay = sigmoid(w) (PLIF)
-    target_rate: float = 0.15  # spike-driven: thresholds calibrated on the first batch to fire at this rate
+    # spike-driven or count coding: thresholds calibrated on the first batch to fire at this rate (None:
+    # the mode's default)
+    target_rate: float | None = None
     homeostasis: float = 0.0  # spike-driven: per-step threshold adaptation toward target_rate (0: off)
     # "count" (default): each layer runs once per token and its neurons emit the spike counts 0..T of
     # their token's constant input current (counting.py; same KJV quality as temporal, T times less
     # matmul work in training); "temporal": every layer runs T timesteps (T rows per token)
     coding: str = "count"
-    ternary: bool = False  # spike-driven: the LIFs on normalised inputs emit signed spikes (-1, 0, 1)
+    # spike-driven: the LIFs on normalised inputs emit signed spikes (-1, 0, 1) (None: the mode's default)
+    ternary: bool | None = None
     gradient_checkpointing: bool = False
     qat_int8: bool = False  # fake-quantize linear weights (per-channel symmetric int8) while training
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        _check(self.mode in SNN_MODES, f"--snn-mode must be one of {', '.join(SNN_MODES)}, got {self.mode!r}")
+        for key, value in MODE_DEFAULTS[self.mode].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         _check(self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
         _check(self.dim >= 1, f"--student-dim must be positive, got {self.dim}")
         _check(self.depth >= 1, f"--student-depth must be positive, got {self.depth}")
@@ -130,7 +146,6 @@ class StudentConfig:
             self.lif_kernel in LIF_KERNELS,
             f"--snn-lif-kernel must be one of {', '.join(LIF_KERNELS)}, got {self.lif_kernel!r}",
         )
-        _check(self.mode in SNN_MODES, f"--snn-mode must be one of {', '.join(SNN_MODES)}, got {self.mode!r}")
         _check(
             0.0 < self.target_rate <= 0.5,
             f"--snn-target-rate must be in (0, 0.5] (try 0.1-0.2), got {self.target_rate}",
@@ -224,6 +239,8 @@ class StudentConfig:
         # keys added later: what the student was before they existed, whatever today's default is
         snn.setdefault("mode", "hybrid")
         snn.setdefault("coding", "temporal")
+        for key, value in MODE_DEFAULTS["hybrid"].items():  # binary, fixed thresholds, 0.15
+            snn.setdefault(key, value)
         renames = {"surrogate_type": "surrogate", "spike_threshold": "threshold"}
         for k, v in snn.items():
             arch[renames.get(k, k)] = v

@@ -355,8 +355,12 @@ class SpikingStudentLM(nn.Module):
     def _readout(self, x: torch.Tensor, b: int, s: int) -> torch.Tensor:
         """Residual stream [T*B, S, D] -> the LM head's input [B, S, D]."""
         t = self.passes
-        if self.head_lif is not None:  # spike counts in 0..T per token and channel
-            return self.head_lif(self.norm(x)).view(t, b, s, -1).sum(0)
+        if self.head_lif is not None:  # spike counts in 0..T (ternary: -T..T) per token and channel
+            counts = self.head_lif(self.norm(x)).view(t, b, s, -1).sum(0)
+            if t > 1 and self.head_lif.keep_counts and torch.is_grad_enabled():
+                # the head reads each token's summed count: ternary spikes of opposite sign cancel there
+                self.head_lif.last_counts = counts.abs().reshape(-1, counts.shape[-1]).sum(0, dtype=torch.float32)
+            return counts
         if t > 1:
             x = x.view(t, b, s, -1).mean(0)  # rate readout: average the residual stream over T
         return self.norm(x)

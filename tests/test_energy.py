@@ -15,9 +15,11 @@ PJ_AC, PJ_MAC = 0.9, 4.6  # Horowitz 2014, 45 nm, written out here on purpose
 
 
 def tiny(mode: str, theta: float | None) -> SpikingStudentLM:
+    # binary spikes and fixed thresholds: the hand-worked counts below (ternary codes: test_counting.py)
     cfg = StudentConfig(
-        vocab_size=V, dim=D, depth=1, num_heads=H, mlp_ratio=2.0, num_timesteps=T, mode=mode, coding="temporal"
-    )
+        vocab_size=V, dim=D, depth=1, num_heads=H, mlp_ratio=2.0, num_timesteps=T, mode=mode, coding="temporal",
+        ternary=False, learn_threshold=False,
+    )  # fmt: skip
     model = SpikingStudentLM(cfg)
     if theta is not None:  # every neuron's threshold, fixed: no calibration
         for lif in model.lif_modules():

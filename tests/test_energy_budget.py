@@ -32,7 +32,7 @@ def calibrated(**kw) -> tuple[SpikingStudentLM, torch.Tensor]:
     "kw",
     [
         dict(mode="spike-driven", coding="count"),
-        dict(mode="spike-driven", coding="count", ternary=True),
+        dict(mode="spike-driven", coding="count", ternary=False, learn_threshold=False),
         dict(mode="spike-driven", coding="temporal"),
         dict(mode="hybrid", coding="temporal"),
         dict(mode="hybrid", coding="count"),

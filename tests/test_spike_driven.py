@@ -60,13 +60,37 @@ def test_metadata_round_trip_and_old_metadata_loads_as_hybrid():
     meta = json.loads(json.dumps(meta))
     assert meta["snn_config"]["mode"] == "spike-driven" and "mode" not in meta["architecture"]
     assert StudentConfig.from_metadata(meta) == cfg
-    del meta["snn_config"]["mode"], meta["snn_config"]["learn_threshold"]
+    # metadata written before these keys existed: the student it described (hybrid, binary, fixed, 0.15)
+    for key in ("mode", "learn_threshold", "ternary", "target_rate"):
+        del meta["snn_config"][key]
     old = StudentConfig.from_metadata(meta)
-    assert old.mode == "hybrid" and not old.learn_threshold
+    assert old.mode == "hybrid" and old.learn_threshold is False and old.ternary is False
+    assert old.target_rate == 0.15
     with pytest.raises(ValueError, match="--snn-mode must be one of hybrid, spike-driven"):
         StudentConfig(vocab_size=V, mode="spiky")
     with pytest.raises(ValueError, match="--snn-target-rate"):
         StudentConfig(vocab_size=V, target_rate=0.0)
+
+
+def test_each_layout_gets_its_measured_neuron_defaults_and_flags_override_them():
+    from snn_distill.cli import configs_from_args, parse_train_args
+
+    sd, hy = StudentConfig(vocab_size=V, mode="spike-driven"), StudentConfig(vocab_size=V)
+    assert (sd.ternary, sd.learn_threshold, sd.target_rate) == (True, True, 0.2)
+    assert (hy.ternary, hy.learn_threshold, hy.target_rate) == (False, False, 0.15)
+    assert sd.snn_config_dict()["ternary"] is True  # metadata records the resolved values
+    own = StudentConfig(vocab_size=V, mode="spike-driven", ternary=False, learn_threshold=False, target_rate=0.1)
+    assert (own.ternary, own.learn_threshold, own.target_rate) == (False, False, 0.1)
+
+    def student(*flags):
+        return configs_from_args(parse_train_args(["--teacher-model", "t", *flags]))[1]
+
+    got = student("--snn-mode", "spike-driven", "--no-snn-ternary", "--no-snn-learn-threshold")
+    assert StudentConfig(vocab_size=V, **got).ternary is False and got["learn_threshold"] is False
+    assert StudentConfig(vocab_size=V, **student("--snn-mode", "spike-driven")).ternary is True
+    assert StudentConfig(vocab_size=V, **student("--snn-learn-threshold")).learn_threshold is True
+    with pytest.raises(ValueError, match="--snn-ternary applies"):
+        StudentConfig(vocab_size=V, **student("--snn-ternary"))
 
 
 def test_calibration_sets_every_layer_near_the_target_rate_once(tmp_path):
@@ -79,16 +103,17 @@ def test_calibration_sets_every_layer_near_the_target_rate_once(tmp_path):
     assert len(rates) == 2 * 5 + 1  # in, qkv, out, mlp.in, mlp.up per block + head
     for name, r in rates.items():
         assert 0.08 <= r <= 0.16, (name, r)  # the target on the calibration batch itself
-    thetas = {n: b.clone() for n, b in model.named_buffers() if n.endswith(".theta")}
+    # learned (the spike-driven default) or fixed, the thresholds are saved with the weights
+    thetas = {n: t.clone() for n, t in model.state_dict().items() if n.endswith(".theta")}
     assert len(thetas) == 11 and all(bool(b) for n, b in model.named_buffers() if n.endswith("calibrated"))
     model(torch.randint(0, V, (4, 16)))  # a second batch does not recalibrate
-    assert all(torch.equal(b, thetas[n]) for n, b in model.named_buffers() if n in thetas)
+    assert all(torch.equal(t, thetas[n]) for n, t in model.state_dict().items() if n in thetas)
     torch.save(model.state_dict(), tmp_path / "w.pt")
     fresh = make(target_rate=0.12)
     fresh.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     fresh.train()
     fresh(torch.randint(0, V, (4, 16)))  # loaded as calibrated: keeps the saved thresholds
-    assert all(torch.equal(b, thetas[n]) for n, b in fresh.named_buffers() if n in thetas)
+    assert all(torch.equal(t, thetas[n]) for n, t in fresh.state_dict().items() if n in thetas)
 
 
 def test_calibrate_threshold_hits_the_rate_whatever_the_input_scale():
