@@ -247,9 +247,9 @@ def distill_step(
     # bf16 (fp16 without native bf16) autocast for the student on CUDA; the chunked loss runs in fp32.
     amp_dtype = autocast_dtype(device)
     pinned = device.type == "cuda"  # host batches go through page-locked memory, copied without a sync
-    sums: list[torch.Tensor] = []  # (loss, kd, ce) per micro-batch, read back once per step
+    # (loss, kd, ce, token-weighted whole and body energy ratios) per micro-batch, read back once per step
+    sums: list[torch.Tensor] = []
     rate_sums: dict[str, torch.Tensor] = {}
-    energy_sums: list[torch.Tensor] = []  # (whole, body) energy ratios per micro-batch, token-weighted
     for i, (ids, mask, targets) in enumerate(micro_batches):
         n = int(mask.sum())  # counted before the copy to the device: no device sync
         context = mean_context(mask) if cfg.energy_budgeted else 0.0
@@ -281,35 +281,26 @@ def distill_step(
                 fused=cfg.fused_loss,
             )
             del tgt
+            ratios = loss.new_zeros(2)
             if cfg.energy_budgeted:
                 penalty, ratios = energy_penalty(student, context, cfg)
                 loss = loss + penalty * (n / max(total_tokens, 1))
-                energy_sums.append(ratios * (n / max(total_tokens, 1)))
             # DDP averages gradients over ranks; the loss is already a share of the global mean.
             scaled = loss * dist.world_size if dist.enabled else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        sums.append(torch.stack([loss.detach(), kd.detach(), ce.detach()]).double())
         w = n / max(total_tokens, 1)
+        sums.append(torch.cat([torch.stack([loss.detach(), kd.detach(), ce.detach()]), ratios * w]).double())
         for m in student.lif_modules():
             if m.last_spike_rate is not None:
                 rate_sums[m.stat_name] = rate_sums.get(m.stat_name, 0.0) + w * m.last_spike_rate.float()
     # one host read per step, not one per micro-batch and layer (each is a sync on a GPU)
     keys = list(rate_sums)
     rate_vals = [rate_sums[k].reshape(1).double().cpu() for k in keys]
-    energy_vals = [torch.stack(energy_sums).sum(0).double().cpu()] if energy_sums else []
-    values = torch.cat([torch.stack(sums).sum(0).cpu(), *energy_vals, *rate_vals]).tolist()
+    values = all_reduce_sum(torch.cat([torch.stack(sums).sum(0).cpu(), *rate_vals]).tolist(), dist)
     stats.loss, stats.kd, stats.ce = values[:3]
-    head = 5 if energy_sums else 3
-    energy = values[3:head]
-    rates = dict(zip(keys, values[head:]))
-    if dist.enabled:
-        keys = list(rates)
-        summed = all_reduce_sum([*values[:head], *(rates[k] for k in keys)], dist)
-        stats.loss, stats.kd, stats.ce = summed[:3]
-        energy = summed[3:head]
-        rates = dict(zip(keys, summed[head:]))
-    if energy:
-        stats.energy, stats.energy_body = energy
+    if cfg.energy_budgeted:
+        stats.energy, stats.energy_body = values[3:5]
+    rates = dict(zip(keys, values[5:]))
     if rates:
         stats.layer_rates = rates
         stats.spike_rate = sum(rates.values()) / len(rates)
