@@ -119,21 +119,50 @@ def _count_loop(
     return counts, dcdi, dcdt, dcdb
 
 
-def _count_kernel(current: Tensor, decay: Tensor, theta: Tensor, *, timesteps: int, surrogate: str, slope: float):
-    """What the compiled kernel runs: current [M, F] -> (counts, dc/dI), each [M, F]."""
-    return _count_loop(current, decay, theta, timesteps, surrogate, slope)[:2]
+def _count_kernel(
+    current: Tensor,
+    decay: Tensor,
+    theta: Tensor,
+    *,
+    timesteps: int,
+    surrogate: str,
+    slope: float,
+    want_theta: bool,
+    want_decay: bool,
+) -> tuple[Tensor, ...]:
+    """What the compiled kernel runs: current [M, F] -> (counts, dc/dI, then dc/dθ and dc/d(decay)
+    where wanted), each [M, F]."""
+    out = _count_loop(current, decay, theta, timesteps, surrogate, slope, want_theta, want_decay)
+    return tuple(t for t in out if t is not None)
 
 
 def _compiled_counts(
-    current: Tensor, decay: float | Tensor, threshold: float | Tensor, timesteps: int, surrogate: str, slope: float
-) -> tuple[Tensor, Tensor]:
-    """`_count_kernel` compiled (one loop over the neurons): current [..., F] -> (counts, dc/dI)."""
+    current: Tensor,
+    decay: float | Tensor,
+    threshold: float | Tensor,
+    timesteps: int,
+    surrogate: str,
+    slope: float,
+    want_theta: bool = False,
+    want_decay: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """`_count_kernel` compiled (one loop over the neurons): current [..., F] -> (counts, dc/dI,
+    dc/dθ or None, dc/d(decay) or None), each [..., F]."""
     flat = current.reshape(-1, current.shape[-1]).contiguous()  # one layout: one graph
     theta, decay_t = kernel_params(current, decay, threshold)
-    key = f"T={timesteps}, {surrogate} surrogate, slope {slope}"
-    fn = functools.partial(_count_kernel, timesteps=timesteps, surrogate=surrogate, slope=slope)
-    counts, dcdi = _COMPILED.call("counts", fn, key, flat, decay_t, theta)
-    return counts.view(current.shape), dcdi.view(current.shape)
+    learned = "".join(n for n, on in ((", d/dθ", want_theta), (", d/d(decay)", want_decay)) if on)
+    key = f"T={timesteps}, {surrogate} surrogate, slope {slope}{learned}"
+    fn = functools.partial(
+        _count_kernel,
+        timesteps=timesteps,
+        surrogate=surrogate,
+        slope=slope,
+        want_theta=want_theta,
+        want_decay=want_decay,
+    )
+    outs = iter(t.view(current.shape) for t in _COMPILED.call("counts", fn, key, flat, decay_t, theta))
+    counts, dcdi = next(outs), next(outs)
+    return counts, dcdi, next(outs) if want_theta else None, next(outs) if want_decay else None
 
 
 class CountLIF(torch.autograd.Function):
@@ -148,7 +177,7 @@ class CountLIF(torch.autograd.Function):
     kernel (neurons.LIF_KERNELS): "compiled" runs the loop as one torch.compile kernel (raises if it
     cannot), "auto" does so for at least `AUTO_MIN_ELEMENTS` neuron updates (T x current elements)
     and falls back to eager after a failed compile; "fused" and "loop" run it eagerly. A learnable
-    threshold or leak always runs eagerly.
+    threshold or leak adds its derivative to the same kernel (one graph per set of wanted derivatives).
     """
 
     @staticmethod
@@ -159,10 +188,11 @@ class CountLIF(torch.autograd.Function):
         want_decay = isinstance(decay, Tensor) and ctx.needs_input_grad[1]
         out = None
         strict = kernel == "compiled"
-        if kernel in ("auto", "compiled") and not (want_theta or want_decay):
+        if kernel in ("auto", "compiled"):
             if use_compiled(current, threshold, strict, timesteps * current.numel()):
                 try:
-                    out = _compiled_counts(current, decay, threshold, timesteps, surrogate, slope) + (None, None)
+                    wants = (want_theta, want_decay)
+                    out = _compiled_counts(current, decay, threshold, timesteps, surrogate, slope, *wants)
                 except Exception as e:  # noqa: BLE001 (inductor raises many types: no compiler, unsupported op, ...)
                     _COMPILED.failed(e, strict)
         if out is None:

@@ -305,6 +305,36 @@ def test_compiled_counts_match_the_eager_loop(name: str, T: int) -> None:
 
 
 @needs_cxx
+@pytest.mark.parametrize("learn", ["threshold", "decay", "both"])
+def test_compiled_counts_learn_threshold_and_leak_like_the_eager_loop(learn: str) -> None:
+    gen = torch.Generator().manual_seed(7)
+    current = torch.randn(6, 5, 16, generator=gen) * 1.5 + 0.3
+    g = torch.randn(6, 5, 16, generator=gen)
+    theta0 = torch.rand(16, generator=gen) + 0.4
+    decay0 = torch.rand(16, generator=gen) * 0.8 + 0.1
+
+    def run(kernel: str) -> list[torch.Tensor]:
+        x = current.clone().requires_grad_()
+        th = theta0.clone().requires_grad_(learn in ("threshold", "both"))
+        de = decay0.clone().requires_grad_(learn in ("decay", "both"))
+        c = lif_counts(x, decay=de, threshold=th, timesteps=4, kernel=kernel)
+        (c * g).sum().backward()
+        return [c.detach()] + [t.grad for t in (x, th, de) if t.requires_grad]
+
+    compiled, eager = run("compiled"), run("fused")
+    wanted = {"threshold": ", d/dθ", "decay": ", d/d(decay)", "both": ", d/dθ, d/d(decay)"}[learn]
+    assert ("counts", f"T=4, sigmoid surrogate, slope {DEFAULT_SLOPES['sigmoid']}{wanted}") in _COMPILED._fns
+    assert len(compiled) == (4 if learn == "both" else 3)
+    # no neuron within rounding of its threshold, so both kernels take the same spikes and the
+    # per-channel sums of the parameter gradients compare term by term
+    assert bool(_clear_neurons(current.expand(4, *current.shape), decay0, theta0).all())
+    assert torch.equal(compiled[0], eager[0]) and eager[0].max() == 4
+    for a, b in zip(compiled[1:], eager[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert b.abs().sum() > 0
+
+
+@needs_cxx
 def test_auto_compiles_large_count_currents_only() -> None:
     before = set(_COMPILED._fns)
     gen = torch.Generator().manual_seed(3)
