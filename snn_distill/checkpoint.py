@@ -94,6 +94,8 @@ def run_fingerprint(train_cfg: Any, student_cfg: Any, world_size: int) -> dict[s
         fp.update({k: tc.get(k) for k in RESPONSE_FINGERPRINT_FIELDS})
     if tc.get("energy_budget") is not None or tc.get("energy_budget_body") is not None:
         fp.update({k: tc.get(k) for k in ENERGY_FINGERPRINT_FIELDS})
+        if tc.get("energy_ramp"):  # only then: budgeted checkpoints from before the ramp stay resumable
+            fp["energy_ramp"] = tc["energy_ramp"]
     if tc.get("scheduler", "constant") != "constant":
         fp["num_steps"] = tc.get("num_steps")
     sc = student_cfg.to_dict() if hasattr(student_cfg, "to_dict") else dict(student_cfg)

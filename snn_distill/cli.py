@@ -245,6 +245,14 @@ def _add_snn_flags(g: argparse._ArgumentGroup) -> None:
         default=TRAIN_DEFAULTS["energy_weight"],
         help="weight of the energy budget's penalty in the loss",
     )
+    g.add_argument(
+        "--snn-energy-ramp",
+        type=float,
+        default=TRAIN_DEFAULTS["energy_ramp"],
+        metavar="SHARE",
+        help="tighten the energy budgets linearly from the ANN twin's energy to their values over this share of "
+        "the steps, then hold them (0: the budgets hold from the first step)",
+    )
 
 
 def _add_teacher_flags(g: argparse._ArgumentGroup) -> None:
@@ -440,6 +448,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, 
         energy_budget=getattr(args, "snn_energy_budget", None),
         energy_budget_body=getattr(args, "snn_energy_budget_body", None),
         energy_weight=getattr(args, "snn_energy_weight", TRAIN_DEFAULTS["energy_weight"]),
+        energy_ramp=getattr(args, "snn_energy_ramp", TRAIN_DEFAULTS["energy_ramp"]),
     )
     student = {field: getattr(args, dest) for dest, field in STUDENT_FLAGS.items()}
     student["qat_int8"] = args.qat == "int8"

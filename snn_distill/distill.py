@@ -219,6 +219,7 @@ def distill_step(
     dist: DistContext | None = None,
     loss_masks: list[torch.Tensor | None] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    progress: float = 1.0,
 ) -> StepStats:
     """Forward/backward over k micro-batches; the loss is normalised by the real tokens of all k, so
     accumulating k micro-batches equals one batch k times larger. Does not step the optimizer.
@@ -230,7 +231,8 @@ def distill_step(
 
     `loss_masks[i]` ([B, S] bool, or None: every real token) keeps only those positions of micro-batch i
     in the loss (the reply positions, `data.response_loss_mask`); the loss is then the mean over the
-    kept positions of all micro-batches. `scaler` (fp16 autocast) scales the loss before the backward."""
+    kept positions of all micro-batches. `scaler` (fp16 autocast) scales the loss before the backward.
+    `progress` (share of the steps done before this one) sets an energy budget's ramp."""
     dist = dist or DistContext()
     model = model if model is not None else TrainForward(student)
     keeps = list(loss_masks) if loss_masks is not None else [None] * len(micro_batches)
@@ -283,7 +285,7 @@ def distill_step(
             del tgt
             ratios = loss.new_zeros(2)
             if cfg.energy_budgeted:
-                penalty, ratios = energy_penalty(student, context, cfg)
+                penalty, ratios = energy_penalty(student, context, cfg, progress)
                 loss = loss + penalty * (n / max(total_tokens, 1))
             # DDP averages gradients over ranks; the loss is already a share of the global mean.
             scaled = loss * dist.world_size if dist.enabled else loss
@@ -313,14 +315,25 @@ def mean_context(mask: torch.Tensor) -> float:
     return float((lens * (lens + 1) / 2).sum() / lens.sum().clamp_min(1))
 
 
-def energy_penalty(student: SpikingStudentLM, context: float, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The energy budget's hinge penalty for the last forward (`context`: its `mean_context`) ->
-    (penalty, detached [whole, body] energy ratios to the ANN twin)."""
+def energy_budget_at(budget: float, progress: float, ramp: float) -> float:
+    """The budget in force at `progress` (share of the steps done, 0..1): it tightens linearly from
+    1 (the ANN twin's energy) to `budget` over the first `ramp` of the steps (TrainConfig.energy_ramp)."""
+    if ramp <= 0 or progress >= ramp:
+        return budget
+    return budget + (1.0 - budget) * (1.0 - progress / ramp)
+
+
+def energy_penalty(
+    student: SpikingStudentLM, context: float, cfg: TrainConfig, progress: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The energy budget's hinge penalty for the last forward (`context`: its `mean_context`;
+    `progress`: share of the steps done, for `energy_ramp`) -> (penalty, detached [whole, body] energy
+    ratios to the ANN twin)."""
     whole, body = training_energy_ratios(student, context)
     penalty = whole.new_zeros(())
     for ratio, budget in ((whole, cfg.energy_budget), (body, cfg.energy_budget_body)):
         if budget is not None:
-            penalty = penalty + torch.relu(ratio - budget)
+            penalty = penalty + torch.relu(ratio - energy_budget_at(budget, progress, cfg.energy_ramp))
     return cfg.energy_weight * penalty, torch.stack([whole, body]).detach()
 
 
@@ -726,6 +739,7 @@ class DistillRecipe:
                 dist=self.dctx,
                 loss_masks=self.loss_masks,
                 scaler=self.scaler,
+                progress=(step - 1) / cfg.num_steps,
             )
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from snn_distill.checkpoint import run_fingerprint
 from snn_distill.config import StudentConfig, TrainConfig
-from snn_distill.distill import energy_penalty, mean_context
+from snn_distill.distill import energy_budget_at, energy_penalty, mean_context
 from snn_distill.energy import training_energy_ratios
 from snn_distill.evaluate import efficiency_report, measure_spikes
 from snn_distill.student import SpikingStudentLM
@@ -79,6 +80,35 @@ def test_hinge_pushes_spikes_down_only_above_the_budget():
         assert up is not None and float(up.abs().sum()) > 0  # reaches the weights through the surrogate
         if budget_body is not None:  # the body's budget never touches the head's input neurons
             assert model.head_gain.grad is None or float(model.head_gain.grad.abs().sum()) == 0
+
+
+def test_the_ramp_tightens_the_budget_linearly_then_holds_it():
+    assert energy_budget_at(0.25, 0.0, 0.5) == pytest.approx(1.0)  # starts at the twin's energy
+    assert energy_budget_at(0.25, 0.25, 0.5) == pytest.approx(0.625)
+    assert energy_budget_at(0.25, 0.5, 0.5) == pytest.approx(0.25)
+    assert energy_budget_at(0.25, 0.9, 0.5) == pytest.approx(0.25)
+    assert energy_budget_at(0.25, 0.0, 0.0) == pytest.approx(0.25)  # no ramp: from the first step
+
+    model, ids = calibrated(mode="spike-driven", coding="count")
+    model.train()
+    model.keep_spike_counts(True)
+    model(ids)
+    whole = float(training_energy_ratios(model, 8.5)[0].detach())
+    cfg = TrainConfig(teacher_model="t", energy_budget=0.5 * whole, energy_ramp=0.5, energy_weight=1.0)
+    early, _ = energy_penalty(model, 8.5, cfg, progress=0.1)  # budget 1 - 0.8 (1 - whole / 2) > whole
+    late, _ = energy_penalty(model, 8.5, cfg, progress=0.6)
+    assert float(early.detach()) == 0.0
+    assert float(late.detach()) == pytest.approx(0.5 * whole, rel=1e-5)
+    with pytest.raises(ValueError, match="--snn-energy-ramp is a share of the steps"):
+        TrainConfig(teacher_model="t", energy_ramp=-0.1)
+
+
+def test_the_ramp_enters_the_resume_fingerprint_only_when_set():
+    student = StudentConfig(vocab_size=97, dim=32, num_heads=4, mode="spike-driven")
+    plain = run_fingerprint(TrainConfig(teacher_model="t", energy_budget=0.3, energy_ramp=0.0), student, 1)
+    ramped = run_fingerprint(TrainConfig(teacher_model="t", energy_budget=0.3, energy_ramp=0.5), student, 1)
+    assert "energy_ramp" not in plain  # budgeted checkpoints from before the ramp stay resumable
+    assert ramped["energy_ramp"] == 0.5
 
 
 @pytest.mark.slow
