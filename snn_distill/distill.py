@@ -1004,6 +1004,7 @@ class DistillRecipe:
             "energy_budget": cfg.energy_budget,
             "energy_budget_body": cfg.energy_budget_body,
             "energy_weight": cfg.energy_weight if cfg.energy_budgeted else None,
+            "energy_ramp": cfg.energy_ramp if cfg.energy_budgeted else None,
         }
 
     def _write_curves(self, png: Path) -> None:
