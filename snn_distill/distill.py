@@ -317,8 +317,9 @@ def mean_context(mask: torch.Tensor) -> float:
 
 def energy_budget_at(budget: float, progress: float, ramp: float) -> float:
     """The budget in force at `progress` (share of the steps done, 0..1): it tightens linearly from
-    1 (the ANN twin's energy) to `budget` over the first `ramp` of the steps (TrainConfig.energy_ramp)."""
-    if ramp <= 0 or progress >= ramp:
+    1 (the ANN twin's energy) to `budget` over the first `ramp` of the steps (TrainConfig.energy_ramp);
+    a budget above 1 holds from the start (no ramp would be tighter than the budget itself)."""
+    if ramp <= 0 or progress >= ramp or budget >= 1.0:
         return budget
     return budget + (1.0 - budget) * (1.0 - progress / ramp)
 

@@ -88,6 +88,7 @@ def test_the_ramp_tightens_the_budget_linearly_then_holds_it():
     assert energy_budget_at(0.25, 0.5, 0.5) == pytest.approx(0.25)
     assert energy_budget_at(0.25, 0.9, 0.5) == pytest.approx(0.25)
     assert energy_budget_at(0.25, 0.0, 0.0) == pytest.approx(0.25)  # no ramp: from the first step
+    assert energy_budget_at(1.5, 0.0, 0.5) == pytest.approx(1.5)  # above the twin: never tighter than asked
 
     model, ids = calibrated(mode="spike-driven", coding="count")
     model.train()
