@@ -119,23 +119,6 @@ def _count_loop(
     return counts, dcdi, dcdt, dcdb
 
 
-def _count_kernel(
-    current: Tensor,
-    decay: Tensor,
-    theta: Tensor,
-    *,
-    timesteps: int,
-    surrogate: str,
-    slope: float,
-    want_theta: bool,
-    want_decay: bool,
-) -> tuple[Tensor, ...]:
-    """What the compiled kernel runs: current [M, F] -> (counts, dc/dI, then dc/dθ and dc/d(decay)
-    where wanted), each [M, F]."""
-    out = _count_loop(current, decay, theta, timesteps, surrogate, slope, want_theta, want_decay)
-    return tuple(t for t in out if t is not None)
-
-
 def _compiled_counts(
     current: Tensor,
     decay: float | Tensor,
@@ -146,23 +129,22 @@ def _compiled_counts(
     want_theta: bool = False,
     want_decay: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """`_count_kernel` compiled (one loop over the neurons): current [..., F] -> (counts, dc/dI,
-    dc/dθ or None, dc/d(decay) or None), each [..., F]."""
+    """`_count_loop` compiled (one loop over the neurons): current [..., F] -> (counts, dc/dI,
+    dc/dθ or None, dc/d(decay) or None), each [..., F]; one graph per set of wanted derivatives."""
     flat = current.reshape(-1, current.shape[-1]).contiguous()  # one layout: one graph
     theta, decay_t = kernel_params(current, decay, threshold)
     learned = "".join(n for n, on in ((", d/dθ", want_theta), (", d/d(decay)", want_decay)) if on)
     key = f"T={timesteps}, {surrogate} surrogate, slope {slope}{learned}"
     fn = functools.partial(
-        _count_kernel,
+        _count_loop,
         timesteps=timesteps,
         surrogate=surrogate,
         slope=slope,
         want_theta=want_theta,
         want_decay=want_decay,
     )
-    outs = iter(t.view(current.shape) for t in _COMPILED.call("counts", fn, key, flat, decay_t, theta))
-    counts, dcdi = next(outs), next(outs)
-    return counts, dcdi, next(outs) if want_theta else None, next(outs) if want_decay else None
+    out = _COMPILED.call("counts", fn, key, flat, decay_t, theta)
+    return tuple(None if t is None else t.view(current.shape) for t in out)
 
 
 class CountLIF(torch.autograd.Function):
