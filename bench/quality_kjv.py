@@ -135,21 +135,26 @@ class CachedTeacher:
     """A `Teacher` whose logits are memoised on disk (float16 .npy per batch, keyed by the ids and mask).
 
     Every caller gets the float16-rounded logits, hits and misses alike, so all runs see the same
-    targets. Counts the seconds spent in the real teacher.
+    targets. Counts the seconds spent in the real teacher. cache_dir None: nothing is kept on disk,
+    every batch runs the teacher (the same rounded targets; for a cheap teacher such as tiny-gpt2,
+    where a cache costs ~15 GB per seed).
     """
 
-    def __init__(self, teacher: Any, cache_dir: Path, allow_compute: bool = True) -> None:
+    def __init__(self, teacher: Any, cache_dir: Path | None, allow_compute: bool = True) -> None:
         self.teacher = teacher
         self.cache_dir = cache_dir
         self.allow_compute = allow_compute
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
         self.teacher_seconds = 0.0
         self.hits = self.misses = 0
 
     def __getattr__(self, name: str) -> Any:  # tokenizer, vocab_size, num_parameters, name, model, ...
         return getattr(self.teacher, name)
 
-    def _key(self, ids: torch.Tensor, mask: torch.Tensor) -> Path:
+    def _key(self, ids: torch.Tensor, mask: torch.Tensor) -> Path | None:
+        if self.cache_dir is None:
+            return None
         h = hashlib.sha1()
         for t in (ids, mask):
             a = t.detach().cpu().to(torch.int64).contiguous().numpy()
@@ -158,11 +163,12 @@ class CachedTeacher:
         return self.cache_dir / f"{h.hexdigest()}.npy"
 
     def cached(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
-        return self._key(ids, mask).is_file()
+        f = self._key(ids, mask)
+        return f is not None and f.is_file()
 
     def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         f = self._key(ids, mask)
-        if f.is_file():
+        if f is not None and f.is_file():
             self.hits += 1
             return torch.from_numpy(np.load(f)).float()
         if not self.allow_compute:
@@ -171,6 +177,8 @@ class CachedTeacher:
         t0 = time.perf_counter()
         out = self.teacher.logits(ids, mask).float().cpu().numpy().astype(np.float16)
         self.teacher_seconds += time.perf_counter() - t0
+        if f is None:
+            return torch.from_numpy(out).float()
         tmp = f.with_suffix(f".tmp{os.getpid()}.npy")
         np.save(tmp, out)
         os.replace(tmp, f)
@@ -535,7 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="smollm2",
         help="smollm2: SmolLM2-135M-Instruct; tiny-gpt2: a 2x128 GPT-2 pretrained here on the training books",
     )
-    p.add_argument("--teacher-cache", default=None, help="teacher-logit cache folder (default: under --out)")
+    p.add_argument(
+        "--teacher-cache",
+        default=None,
+        help="teacher-logit cache folder (default: under --out); 'none': run the teacher on every batch and keep"
+        " nothing on disk (cheap teachers: tiny-gpt2)",
+    )
     p.add_argument("--held-out", default=",".join(DEFAULT_HELD_OUT), help="comma-separated book abbreviations")
     p.add_argument("--students", default="snn,ann", help="snn, ann or snn,ann")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -608,9 +621,11 @@ def main(argv: list[str] | None = None) -> int:
 
         folder = tiny_gpt2_teacher(train_blocks, raw.tokenizer, out / "teachers")
         args.gguf, raw, cache_dir = folder, load_teacher(str(folder)), out / f"teacher_cache_{folder.name}"
-    teacher = CachedTeacher(
-        raw, Path(args.teacher_cache) if args.teacher_cache else cache_dir, not args.no_compute_teacher
-    )
+    if args.teacher_cache:
+        cache_dir = None if args.teacher_cache == "none" else Path(args.teacher_cache)
+    if cache_dir is None and (args.precompute_only or args.no_compute_teacher):
+        raise BenchError("--teacher-cache none keeps no logits: drop --precompute-only / --no-compute-teacher")
+    teacher = CachedTeacher(raw, cache_dir, not args.no_compute_teacher)
     tok = teacher.tokenizer
     held = held_out_batches(held_path, tok, args)
     corpus.update(train_tokens=sum(len(b) for b in train_blocks), eval_tokens=sum(int(m.sum()) for _, m in held))

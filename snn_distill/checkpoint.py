@@ -99,6 +99,8 @@ def run_fingerprint(train_cfg: Any, student_cfg: Any, world_size: int) -> dict[s
     if tc.get("scheduler", "constant") != "constant":
         fp["num_steps"] = tc.get("num_steps")
     sc = student_cfg.to_dict() if hasattr(student_cfg, "to_dict") else dict(student_cfg)
+    if not sc.get("rate_floor"):  # only when on: checkpoints from before the floor stay resumable
+        sc.pop("rate_floor", None)
     fp.update({f"student.{k}": v for k, v in sc.items()})
     fp["world_size"] = int(world_size)
     return json.loads(json.dumps(fp, default=str))

@@ -71,6 +71,7 @@ STUDENT_FLAGS = {
     "snn_learn_decay": "learn_decay",
     "snn_target_rate": "target_rate",
     "snn_homeostasis": "homeostasis",
+    "snn_rate_floor": "rate_floor",
     "snn_coding": "coding",
     "snn_ternary": "ternary",
     "gradient_checkpointing": "gradient_checkpointing",
@@ -223,6 +224,14 @@ def _add_snn_flags(g: argparse._ArgumentGroup) -> None:
         type=float,
         default=STUDENT_DEFAULTS["homeostasis"],
         help="spike-driven: rate at which thresholds adapt toward --snn-target-rate while training (0: off)",
+    )
+    g.add_argument(
+        "--snn-rate-floor",
+        type=float,
+        default=STUDENT_DEFAULTS["rate_floor"],
+        metavar="RATE",
+        help="while training, lower the threshold of any channel firing below this rate, so that an energy "
+        "budget does not leave neurons silent (default: 0.01 spike-driven, 0 hybrid; 0: off)",
     )
     g.add_argument(
         "--snn-energy-budget",

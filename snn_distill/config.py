@@ -28,8 +28,8 @@ SNN_CODINGS = ("temporal", "count")
 # issue 12): spike-driven students are ternary with learned thresholds calibrated to 0.20, which beat
 # binary spikes at 0.15 on both teachers in perplexity, energy and dead neurons.
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "hybrid": {"learn_threshold": False, "target_rate": 0.15, "ternary": False},
-    "spike-driven": {"learn_threshold": True, "target_rate": 0.20, "ternary": True},
+    "hybrid": {"learn_threshold": False, "target_rate": 0.15, "ternary": False, "rate_floor": 0.0},
+    "spike-driven": {"learn_threshold": True, "target_rate": 0.20, "ternary": True, "rate_floor": 0.01},
 }
 
 
@@ -52,6 +52,7 @@ SNN_KEYS = (
     "learn_decay",
     "target_rate",
     "homeostasis",
+    "rate_floor",
     "coding",
     "ternary",
 )
@@ -88,6 +89,9 @@ class StudentConfig:
     # the mode's default)
     target_rate: float | None = None
     homeostasis: float = 0.0  # spike-driven: per-step threshold adaptation toward target_rate (0: off)
+    # training: a channel firing below this rate has its threshold lowered (neurons.LIF; 0: off; None:
+    # the mode's default)
+    rate_floor: float | None = None
     # "count" (default): each layer runs once per token and its neurons emit the spike counts 0..T of
     # their token's constant input current (counting.py; same KJV quality as temporal, T times less
     # matmul work in training); "temporal": every layer runs T timesteps (T rows per token)
@@ -162,6 +166,15 @@ class StudentConfig:
             0.0 <= self.homeostasis <= 1.0,
             f"--snn-homeostasis must be in [0, 1] (try 0.05; 0 turns it off), got {self.homeostasis}",
         )
+        _check(
+            0.0 <= self.rate_floor < 0.5,
+            f"--snn-rate-floor must be in [0, 0.5) (try 0.01; 0 turns it off), got {self.rate_floor}",
+        )
+        _check(
+            not self.rate_floor or self.per_channel_neurons,
+            "--snn-rate-floor moves per-channel thresholds: add --snn-mode spike-driven, --snn-coding count or "
+            "--snn-learn-threshold",
+        )
 
     @property
     def head_dim(self) -> int:
@@ -224,6 +237,7 @@ class StudentConfig:
             "learn_decay": self.learn_decay,
             "target_rate": self.target_rate,
             "homeostasis": self.homeostasis,
+            "rate_floor": self.rate_floor,
             "coding": self.coding,
             "ternary": self.ternary,
         }

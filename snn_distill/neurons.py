@@ -52,6 +52,10 @@ __all__ = [
     "surrogate_derivative",
 ]
 
+# A rate floor lowers a quiet channel's threshold by this log-step per training forward, at the peak
+# learning rate (about 5 %: a silent channel wakes within tens of steps, a firing one is untouched).
+FLOOR_STEP = 0.05
+
 # Each default makes the surrogate derivative peak at exactly 1 at x = 0, so switching surrogates
 # does not silently rescale gradients.
 DEFAULT_SLOPES: dict[str, float] = {
@@ -654,6 +658,10 @@ class LIF(torch.nn.Module):
     with the weights. With `homeostasis` = eta > 0, every later training forward nudges each channel's
     threshold toward that rate, theta *= exp(eta * (rate - target_rate)) (homeostatic threshold
     adaptation: no channel stays silent or saturated as the weights move); frozen in eval mode.
+    With `rate_floor` > 0, a channel that fires below that rate in a training forward has its
+    threshold lowered by exp(-floor_step) before the next one (a one-sided homeostasis that only
+    revives quiet channels, so it does not fight an energy budget; the trainer anneals `floor_step`
+    with the learning rate).
 
     The recurrence always runs in float32, also under autocast: bf16 rounding of the membrane and
     threshold would make training spikes differ from the float32 serving spikes.
@@ -674,6 +682,7 @@ class LIF(torch.nn.Module):
         learn_decay: bool = False,
         target_rate: float | None = None,
         homeostasis: float = 0.0,
+        rate_floor: float = 0.0,
         count: bool = False,
     ) -> None:
         super().__init__()
@@ -695,6 +704,11 @@ class LIF(torch.nn.Module):
         if homeostasis < 0 or (homeostasis > 0 and target_rate is None):
             raise ValueError("homeostasis needs a target_rate and a rate >= 0")
         self.homeostasis = float(homeostasis)
+        if not 0.0 <= rate_floor < 1.0 or (rate_floor > 0 and channels is None):
+            raise ValueError(f"rate_floor must be in [0, 1) and needs `channels`, got {rate_floor}")
+        self.rate_floor = float(rate_floor)
+        self.floor_step = FLOOR_STEP
+        self._floor_factor: Tensor | None = None  # [F], applied to theta before the next training forward
         self.per_channel = channels is not None
         if self.per_channel:
             theta = torch.full((int(channels),), self.threshold)
@@ -744,15 +758,24 @@ class LIF(torch.nn.Module):
             if not torch.compiler.is_compiling() and x.shape[0] % T != 0:
                 raise ValueError(f"leading dim {x.shape[0]} is not a multiple of num_timesteps={T}")
             seq = x.reshape(T, -1, *x.shape[1:])
+        # not while backward recomputes a checkpointed forward: that must see the same thresholds
+        adapting = self.training and torch._C._current_graph_task_id() == -1
         if self.per_channel and self.training and not bool(self.calibrated):
             self._calibrate(seq)
+        if self._floor_factor is not None and adapting:
+            self._raise_quiet_channels()
         decay, threshold = self.decay_value(), self.threshold_value()
         if self.count:
             out, steps = self._counts(x, decay, threshold), T
         else:
             out, steps = self._spikes(seq, decay, threshold).view(x.shape), 1
-        if self.homeostasis and self.training and torch._C._current_graph_task_id() == -1:
-            self._adapt(out.detach() / steps)  # not while backward recomputes a checkpointed forward
+        if (self.homeostasis or self.rate_floor) and adapting and not torch.compiler.is_exporting():
+            rate = self._channel_rate(out.detach() / steps)
+            if self.homeostasis:
+                self._adapt(rate)
+            if self.rate_floor:
+                # deferred: the thresholds of this forward are saved for its backward
+                self._floor_factor = torch.exp(-self.floor_step * (rate < self.rate_floor).to(rate.dtype))
         # while exporting, x is a fake tensor and torch.export warns about tensor attributes
         if not torch.compiler.is_exporting():
             self._record(out.detach(), steps=steps)
@@ -812,12 +835,24 @@ class LIF(torch.nn.Module):
         self.calibrated.fill_(True)
 
     @torch.no_grad()
-    def _adapt(self, spikes: Tensor) -> None:
-        rate = spikes.reshape(-1, spikes.shape[-1]).mean(0, dtype=torch.float32)  # [F]
+    def _channel_rate(self, spikes: Tensor) -> Tensor:
+        """Spikes (or counts / T) [..., F] -> each channel's rate [F] (float32, the mean over ranks)."""
+        rate = spikes.reshape(-1, spikes.shape[-1]).mean(0, dtype=torch.float32)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(rate)  # every rank applies the same update
             rate /= torch.distributed.get_world_size()
+        return rate
+
+    @torch.no_grad()
+    def _adapt(self, rate: Tensor) -> None:
         self.theta.mul_(torch.exp(self.homeostasis * (rate - self.target_rate)).to(self.theta.dtype))
+
+    @torch.no_grad()
+    def _raise_quiet_channels(self) -> None:
+        """Apply the rate floor's pending threshold factor [F] (kept above 1e-3, as a learned one)."""
+        assert self._floor_factor is not None
+        self.theta.mul_(self._floor_factor.to(self.theta.dtype)).clamp_min_(1e-3)
+        self._floor_factor = None
 
     def _record(self, spikes: Tensor, steps: int = 1) -> None:
         """spikes: 0/1 per row, or (steps = T) spike counts of T timesteps per row."""
@@ -840,6 +875,7 @@ class LIF(torch.nn.Module):
             ]
             extra = (
                 f", per_channel=True, learnable={learn}, target_rate={self.target_rate}, homeostasis={self.homeostasis}"
+                f", rate_floor={self.rate_floor}"
             )
         return (
             f"num_timesteps={self.num_timesteps}, decay={self.decay}, threshold={self.threshold}, "

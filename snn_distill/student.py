@@ -232,6 +232,7 @@ def _make_lif(cfg: StudentConfig, name: str, channels: int, signed: bool = False
         learn_decay=cfg.learn_decay,
         target_rate=cfg.target_rate if calibrated else None,
         homeostasis=cfg.homeostasis if calibrated else 0.0,
+        rate_floor=cfg.rate_floor if per_channel else 0.0,
         count=cfg.count_coded,
     )
     lif.stat_name = name
@@ -415,6 +416,11 @@ class SpikingStudentLM(nn.Module):
         for m in self.lif_modules():
             m.keep_counts = on
             m.last_counts = None
+
+    def set_floor_step(self, step: float) -> None:
+        """The rate floor's threshold log-step for the next training forwards (`LIF.floor_step`)."""
+        for m in self.lif_modules():
+            m.floor_step = step
 
     def spike_rates(self) -> dict[str, float]:
         """Mean spike rate of each LIF layer during the last forward pass."""

@@ -446,6 +446,7 @@ def test_bad_data(tiny_teacher_dir, capsys, tmp_path):
         ("--snn-energy-budget", "0", "--snn-energy-budget is a ratio"),
         ("--snn-energy-weight", "-1", "--snn-energy-weight must be > 0"),
         ("--snn-energy-ramp", "1.5", "--snn-energy-ramp is a share of the steps"),
+        ("--snn-rate-floor", "0.5", "--snn-rate-floor must be in"),
     ],
 )
 def test_bad_values(tiny_teacher_dir, capsys, tmp_path, flag, value, match):
