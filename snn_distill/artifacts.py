@@ -339,9 +339,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(
-            f"metadata file {path} is not valid JSON ({e}); re-run training or restore it"
-        ) from e
+        raise ArtifactError(f"metadata file {path} is not valid JSON ({e}); re-run training or restore it") from e
     if not isinstance(meta, dict):
         raise ArtifactError(f"metadata file {path} holds a {type(meta).__name__}, not a JSON object")
     return meta

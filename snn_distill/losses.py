@@ -103,9 +103,7 @@ def _binned(student_logp: torch.Tensor, targets: TeacherTargets) -> tuple[torch.
     return torch.cat([s_top, s_tail], 1), torch.cat([t_top, t_tail], 1)
 
 
-def kd_per_token(
-    student_logits: torch.Tensor, targets: TeacherTargets, kind: str, temperature: float
-) -> torch.Tensor:
+def kd_per_token(student_logits: torch.Tensor, targets: TeacherTargets, kind: str, temperature: float) -> torch.Tensor:
     """Reference distillation loss per token (differentiable, T^2-scaled). logits [n, V] -> [n]."""
     logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
     targets = targets.resolved(temperature, logits.dtype)
@@ -116,9 +114,7 @@ def kd_per_token(
         loss = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
     elif kind == "jsd":
         m_logp = torch.logaddexp(s_logp, t_logp) - torch.log(torch.tensor(2.0, device=s_logp.device))
-        loss = 0.5 * (t_logp.exp() * (t_logp - m_logp)).sum(-1) + 0.5 * (
-            s_logp.exp() * (s_logp - m_logp)
-        ).sum(-1)
+        loss = 0.5 * (t_logp.exp() * (t_logp - m_logp)).sum(-1) + 0.5 * (s_logp.exp() * (s_logp - m_logp)).sum(-1)
     else:
         raise ValueError(f"unknown kd loss {kind!r}; choose one of {', '.join(KD_KINDS)}")
     return loss * temperature**2

@@ -246,9 +246,7 @@ def load_teacher(
                 ) from e
             raise TeacherError(f"cannot load teacher from {load_from}: {str(e).splitlines()[0]}") from e
         except ValueError as e:
-            raise TeacherError(
-                f"{name_or_path!r} is not a causal language model: {str(e).splitlines()[0]}"
-            ) from e
+            raise TeacherError(f"{name_or_path!r} is not a causal language model: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of every loss, so any id works; EOS is the usual choice.
         # Without any of them the pad id stays None: batches then pad with id 0 (data.pad_batch), which
@@ -259,9 +257,7 @@ def load_teacher(
     out_emb = model.get_output_embeddings() if model is not None else None
     vocab = int(out_emb.weight.shape[0]) if out_emb is not None else int(config.vocab_size)
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= vocab:
-        raise TeacherError(
-            f"tokenizer pad id {tokenizer.pad_token_id} is outside the teacher's {vocab} logits"
-        )
+        raise TeacherError(f"tokenizer pad id {tokenizer.pad_token_id} is outside the teacher's {vocab} logits")
     return Teacher(
         model=model,
         tokenizer=tokenizer,

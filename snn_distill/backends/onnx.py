@@ -194,7 +194,8 @@ class ONNXSNNBackend(TokenizerVocabBackend):
             warnings.warn(
                 f"ONNXSNNBackend: tokenizer ({self.tokenizer_source}) has {n_tok} entries but the graph's vocabulary "
                 f"is {self.vocab_size}; ids >= {self.vocab_size} are replaced (pass tokenizer_name=)",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning,
+                stacklevel=3,
             )
         elif n_tok < self.vocab_size:
             self._mask_from = n_tok  # padded vocabulary: never pick ids the tokenizer cannot decode
@@ -208,7 +209,7 @@ class ONNXSNNBackend(TokenizerVocabBackend):
 
         x = np.array(logits[0, -1], dtype=np.float32)
         if self._mask_from is not None:
-            x[self._mask_from:] = -np.inf
+            x[self._mask_from :] = -np.inf
         torch = torch_or_none()
         return torch.from_numpy(x) if torch is not None else x
 

@@ -316,8 +316,12 @@ def _save_proto(proto, path: Path) -> None:
         onnx.save_model(proto, str(path))
     else:
         onnx.save_model(
-            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=path.name + ".data", size_threshold=1024,
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
         )
 
 
@@ -462,7 +466,7 @@ def verify_decode_graph(model, path: Path, seq_len: int, tolerance: float) -> di
             outs, pos = [], 0
             while pos < n:
                 step = prefill if pos == 0 else 1
-                feeds = {"input_ids": ids[:, pos:pos + step].numpy(), **dict(zip(in_names[1:], past))}
+                feeds = {"input_ids": ids[:, pos : pos + step].numpy(), **dict(zip(in_names[1:], past))}
                 with _stage(f"running {path.name} in ONNX Runtime", "the decode graph does not run; report this"):
                     res = sess.run(None, feeds)
                 outs.append(res[0])
@@ -475,8 +479,10 @@ def verify_decode_graph(model, path: Path, seq_len: int, tolerance: float) -> di
 
 def _raise_on_failure(cmp: _Comparison, path: Path) -> None:
     s = cmp.summary()
-    msg = (f"{path.name}: max |ONNX Runtime - PyTorch| = {s['max_abs_diff']:.3g} over {s['positions']} positions "
-           f"(tolerance {cmp.tolerance:g}; {s['spike_flip_positions']} positions after a near-threshold spike)")
+    msg = (
+        f"{path.name}: max |ONNX Runtime - PyTorch| = {s['max_abs_diff']:.3g} over {s['positions']} positions "
+        f"(tolerance {cmp.tolerance:g}; {s['spike_flip_positions']} positions after a near-threshold spike)"
+    )
     if cmp.failures:
         raise ExportError(
             f"verification failed for {path.name}: {cmp.failures[0]} (max abs diff {s['max_abs_diff']:.3g} > "
@@ -539,8 +545,9 @@ def to_ort_format(src: Path, dst: Path) -> None:
     so.add_session_config_entry("session.save_model_format", "ORT")
     so.add_session_config_entry("session.qdqisint8allowed", "0")
     so.log_severity_level = 3
-    ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"],
-                         disabled_optimizers=["NchwcTransformer"])
+    ort.InferenceSession(
+        str(src), sess_options=so, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"]
+    )
     if not dst.is_file():
         raise ExportError(f"ONNX Runtime did not write {dst.name}; check that the folder is writable")
 
@@ -892,8 +899,10 @@ def _check_ort(ort_file: Path, onnx_file: Path, model, key: str) -> None:
     b = _ort_session(ort_file)
     if key.startswith("decode"):
         ins, _ = decode_io_names(model.config.depth)
-        feeds = {"input_ids": np.array([[1, 2, 3]], dtype=np.int64),
-                 **dict(zip(ins[1:], [p.numpy() for p in empty_past(model, 1, 0)]))}
+        feeds = {
+            "input_ids": np.array([[1, 2, 3]], dtype=np.int64),
+            **dict(zip(ins[1:], [p.numpy() for p in empty_past(model, 1, 0)])),
+        }
     else:
         feeds = {"input_ids": np.arange(1, 9, dtype=np.int64).reshape(1, 8) % model.config.vocab_size}
     ra = a.run(["logits"], feeds)[0]
@@ -912,7 +921,8 @@ def _record(metadata_path: Path, result: dict[str, Any]) -> None:
     base = metadata_path.parent
     section = {k: (_rel(Path(v), base) if k.endswith("path") and v else v) for k, v in result.items()}
     section.update(
-        timestamp=utc_timestamp(), exporter="torch.onnx.export (TorchScript, dynamo=False)",
+        timestamp=utc_timestamp(),
+        exporter="torch.onnx.export (TorchScript, dynamo=False)",
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     )
     try:
