@@ -736,7 +736,6 @@ class DistillRecipe:
         """Forward/backward over the micro-batches, clip, optimizer and schedule step. Returns the step's
         stats and the learning rate it used."""
         cfg = self.cfg
-        self.student.set_floor_step(FLOOR_STEP * self.scheduler.get_last_lr()[0] / cfg.lr)  # anneals with the lr
         try:
             micro = self.micro_batches()
             stats = distill_step(
@@ -772,6 +771,7 @@ class DistillRecipe:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
+        self.student.apply_rate_floor(FLOOR_STEP * lr / cfg.lr)  # the floor's step anneals with the lr
         self.scheduler.step()
         p = self.progress
         p.tokens_seen += stats.tokens

@@ -658,10 +658,11 @@ class LIF(torch.nn.Module):
     with the weights. With `homeostasis` = eta > 0, every later training forward nudges each channel's
     threshold toward that rate, theta *= exp(eta * (rate - target_rate)) (homeostatic threshold
     adaptation: no channel stays silent or saturated as the weights move); frozen in eval mode.
-    With `rate_floor` > 0, a channel that fires below that rate in a training forward has its
-    threshold lowered by exp(-floor_step) before the next one (a one-sided homeostasis that only
-    revives quiet channels, so it does not fight an energy budget; the trainer anneals `floor_step`
-    with the learning rate).
+    With `rate_floor` > 0, training forwards count each channel's spikes, and `apply_rate_floor()`
+    (the trainer calls it after each optimizer step) lowers by exp(-floor_step) the threshold of every
+    channel that fired below that rate over the step: a one-sided homeostasis that only revives quiet
+    channels, so it does not fight an energy budget. The trainer anneals `floor_step` with the
+    learning rate.
 
     The recurrence always runs in float32, also under autocast: bf16 rounding of the membrane and
     threshold would make training spikes differ from the float32 serving spikes.
@@ -708,7 +709,8 @@ class LIF(torch.nn.Module):
             raise ValueError(f"rate_floor must be in [0, 1) and needs `channels`, got {rate_floor}")
         self.rate_floor = float(rate_floor)
         self.floor_step = FLOOR_STEP
-        self._floor_factor: Tensor | None = None  # [F], applied to theta before the next training forward
+        self._floor_spikes: Tensor | None = None  # [F] spikes since the last apply_rate_floor()
+        self._floor_rows = 0  # rows of F neurons (tokens x timesteps) behind them
         self.per_channel = channels is not None
         if self.per_channel:
             theta = torch.full((int(channels),), self.threshold)
@@ -762,20 +764,18 @@ class LIF(torch.nn.Module):
         adapting = self.training and torch._C._current_graph_task_id() == -1
         if self.per_channel and self.training and not bool(self.calibrated):
             self._calibrate(seq)
-        if self._floor_factor is not None and adapting:
-            self._raise_quiet_channels()
         decay, threshold = self.decay_value(), self.threshold_value()
         if self.count:
             out, steps = self._counts(x, decay, threshold), T
         else:
             out, steps = self._spikes(seq, decay, threshold).view(x.shape), 1
-        if (self.homeostasis or self.rate_floor) and adapting and not torch.compiler.is_exporting():
-            rate = self._channel_rate(out.detach() / steps)
-            if self.homeostasis:
-                self._adapt(rate)
-            if self.rate_floor:
-                # deferred: the thresholds of this forward are saved for its backward
-                self._floor_factor = torch.exp(-self.floor_step * (rate < self.rate_floor).to(rate.dtype))
+        if self.homeostasis and adapting and not torch.compiler.is_exporting():
+            self._adapt(self._channel_rate(out.detach() / steps))
+        if self.rate_floor and adapting and not torch.compiler.is_exporting():
+            # applied after the optimizer step: this forward's thresholds are saved for its backward
+            counts = out.detach().reshape(-1, out.shape[-1]).sum(0, dtype=torch.float32)
+            self._floor_spikes = counts if self._floor_spikes is None else self._floor_spikes + counts
+            self._floor_rows += out.numel() // out.shape[-1] * steps
         # while exporting, x is a fake tensor and torch.export warns about tensor attributes
         if not torch.compiler.is_exporting():
             self._record(out.detach(), steps=steps)
@@ -848,11 +848,17 @@ class LIF(torch.nn.Module):
         self.theta.mul_(torch.exp(self.homeostasis * (rate - self.target_rate)).to(self.theta.dtype))
 
     @torch.no_grad()
-    def _raise_quiet_channels(self) -> None:
-        """Apply the rate floor's pending threshold factor [F] (kept above 1e-3, as a learned one)."""
-        assert self._floor_factor is not None
-        self.theta.mul_(self._floor_factor.to(self.theta.dtype)).clamp_min_(1e-3)
-        self._floor_factor = None
+    def apply_rate_floor(self) -> None:
+        """Lower the threshold of each channel that fired below `rate_floor` since the last call (over
+        every rank), by exp(-floor_step), kept above 1e-3 as a learned one; then start counting anew."""
+        if self._floor_spikes is None:
+            return
+        sums = torch.cat([self._floor_spikes, self._floor_spikes.new_tensor([self._floor_rows])])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)  # the rate over the global batch; every rank applies it
+        quiet = sums[:-1] < self.rate_floor * sums[-1]
+        self.theta.mul_(torch.exp(-self.floor_step * quiet.to(self.theta.dtype))).clamp_min_(1e-3)
+        self._floor_spikes, self._floor_rows = None, 0
 
     def _record(self, spikes: Tensor, steps: int = 1) -> None:
         """spikes: 0/1 per row, or (steps = T) spike counts of T timesteps per row."""

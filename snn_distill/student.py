@@ -417,10 +417,12 @@ class SpikingStudentLM(nn.Module):
             m.keep_counts = on
             m.last_counts = None
 
-    def set_floor_step(self, step: float) -> None:
-        """The rate floor's threshold log-step for the next training forwards (`LIF.floor_step`)."""
+    def apply_rate_floor(self, step: float) -> None:
+        """After an optimizer step: lower the thresholds of the channels that fired below their rate
+        floor during it, by the log-step `step` (`LIF.apply_rate_floor`)."""
         for m in self.lif_modules():
             m.floor_step = step
+            m.apply_rate_floor()
 
     def spike_rates(self) -> dict[str, float]:
         """Mean spike rate of each LIF layer during the last forward pass."""

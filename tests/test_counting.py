@@ -238,4 +238,4 @@ def test_ternary_spike_driven_student_reads_signed_codes_counted_as_accumulates(
     fan_out = model.blocks[0].attn.qkv.weight.shape[0]
     assert counter.ops["blocks.0.attn.qkv"].ac == pytest.approx(float(rec.inputs[0][1].abs().sum()) * fan_out)
     with pytest.raises(ValueError, match="--snn-ternary applies to"):
-        StudentConfig(vocab_size=V, ternary=True)
+        StudentConfig(vocab_size=V, ternary=True, mode="hybrid")

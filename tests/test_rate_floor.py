@@ -1,5 +1,5 @@
-"""The rate floor: while training, a channel firing below `rate_floor` has its threshold lowered before
-the next forward (one-sided, so firing channels and the energy budget are left alone), annealed with the
+"""The rate floor: after each optimizer step, a channel that fired below `rate_floor` during it has its
+threshold lowered (one-sided, so firing channels and the energy budget are left alone), annealed with the
 learning rate, frozen in eval mode, and recorded in the metadata and the resume fingerprint."""
 
 from __future__ import annotations
@@ -34,20 +34,41 @@ def test_the_floor_wakes_a_silent_channel_and_leaves_a_firing_one_alone(cls):
     rates = []
     for _ in range(60):
         out = lif(x)
-        out.sum().backward()  # the thresholds of each forward are the ones its backward sees
+        out.sum().backward()
+        lif.apply_rate_floor()  # after the optimizer step, as the trainer does
         rates.append((out.detach() / 4).mean(0))
     theta = lif.theta.detach()
     assert rates[0][0] == 0 and rates[0][1] >= 0.5  # channel 0 starts silent
     assert rates[-1][0] >= 0.05, rates[-1]  # ... and fires at the floor or above by the end
     assert theta[1] == 1.0  # a channel above the floor keeps its threshold exactly
-    # channel 0 lost one FLOOR_STEP per silent forward, and none once it fired at the floor
-    silent = sum(bool(r[0] < 0.05) for r in rates[:-1])
+    # channel 0 lost one FLOOR_STEP per silent step, and none once it fired at the floor
+    silent = sum(bool(r[0] < 0.05) for r in rates)
     assert theta[0] == pytest.approx(math.exp(-FLOOR_STEP * silent), rel=1e-5)
     assert 1e-3 <= theta[2] < theta[0]  # an undriven channel keeps falling, down to the clamp at most
     lif.eval()
     lif(x)
-    lif(x)
+    lif.apply_rate_floor()
     assert torch.equal(lif.theta.detach(), theta)  # frozen at inference
+
+
+def test_the_floor_judges_the_rate_over_the_whole_step():
+    # two micro-batches of one step: channel 0 fires on 2 of 64 tokens (rate 1/32) in the first and on
+    # none in the second: 1/64 over the step, above a floor of 0.01 though the second alone is below it
+    busy = _currents()
+    busy[:2, 0] = 2.0
+    lif = LIF(4, 0.5, 1.0, channels=3, rate_floor=0.01, count=True)
+    lif.train()
+    lif(busy)
+    lif(_currents())
+    assert lif.theta[0] == 1.0  # nothing moves before the step ends
+    lif.apply_rate_floor()
+    assert lif.theta[0] == 1.0 and lif.theta[2] == pytest.approx(math.exp(-FLOOR_STEP))
+    lif(_currents())  # a step of silent micro-batches: below the floor
+    lif(_currents())
+    lif.apply_rate_floor()
+    assert lif.theta[0] == pytest.approx(math.exp(-FLOOR_STEP))
+    lif.apply_rate_floor()  # a step without training forwards changes nothing
+    assert lif.theta[0] == pytest.approx(math.exp(-FLOOR_STEP))
 
 
 def test_floor_step_zero_and_floor_zero_leave_the_thresholds():
@@ -58,6 +79,7 @@ def test_floor_step_zero_and_floor_zero_leave_the_thresholds():
         lif.train()
         for _ in range(5):
             lif(x)
+            lif.apply_rate_floor()
         assert torch.equal(lif.theta, torch.ones(3))
     with pytest.raises(ValueError, match="rate_floor"):
         LIF(4, 0.5, 1.0, rate_floor=0.05)  # a floor is per channel

@@ -172,18 +172,21 @@ def _interrupt_after(monkeypatch, n_steps: int) -> None:
     monkeypatch.setattr(distill, "distill_step", step)
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_teacher_dir, tmp_path, monkeypatch):
+# spike-driven: its rate floor moves thresholds after each step, which a resumed run must reproduce
+@pytest.mark.parametrize("mode", ["hybrid", "spike-driven"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_teacher_dir, tmp_path, monkeypatch, mode):
+    student = {**STUDENT, "mode": mode}
     teacher = load_teacher(str(tiny_teacher_dir))
-    full = train(_cfg(tiny_teacher_dir, tmp_path / "full"), STUDENT, teacher=teacher, progress=False)
+    full = train(_cfg(tiny_teacher_dir, tmp_path / "full"), student, teacher=teacher, progress=False)
 
     out = tmp_path / "split"
     with monkeypatch.context() as m:
         _interrupt_after(m, 2)
         with pytest.raises(TrainingInterrupted) as info:
-            train(_cfg(tiny_teacher_dir, out), STUDENT, teacher=teacher, progress=False)
+            train(_cfg(tiny_teacher_dir, out), student, teacher=teacher, progress=False)
     assert info.value.exit_code == 130 and "--resume" in str(info.value) and "step 2/4" in str(info.value)
     assert load_checkpoint(out)["step"] == 2 and not (out / "student.pt").exists()
-    resumed = train(_cfg(tiny_teacher_dir, out, resume=True), STUDENT, teacher=teacher, progress=False)
+    resumed = train(_cfg(tiny_teacher_dir, out, resume=True), student, teacher=teacher, progress=False)
 
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]  # exact
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
