@@ -259,9 +259,15 @@ def _fmt_n(n: float) -> str:
     return f"{n:.0f}"
 
 
-def student_activation_values(dim: int, depth: int, heads: int, kv_heads: int, hidden: int) -> tuple[float, float]:
-    """(values saved for the backward per token-timestep per layer, per token-timestep outside layers)."""
+def student_activation_values(
+    dim: int, depth: int, heads: int, kv_heads: int, hidden: int, spike_driven: bool = False
+) -> tuple[float, float]:
+    """(values saved for the backward per token-timestep per layer, per token-timestep outside layers).
+    Spike-driven blocks save about twice as much: a LIF's input and output before every weight matmul,
+    and the head's input LIF outside the layers (fitted to the saved bytes, tests/test_scale.py)."""
     q = (heads + 2 * kv_heads) * (dim // heads)
+    if spike_driven:
+        return 27.0 * dim + 2.0 * q + 3.0 * hidden, 7.25 * dim
     return 8.5 * dim + 2.5 * q + 2.0 * hidden, 1.0 * dim
 
 
@@ -346,7 +352,9 @@ def plan_memory(
     )  # fmt: skip
 
     # student phase
-    per_layer, outside = student_activation_values(d, scfg.depth, scfg.num_heads, scfg.num_kv_heads, scfg.hidden_dim)
+    per_layer, outside = student_activation_values(
+        d, scfg.depth, scfg.num_heads, scfg.num_kv_heads, scfg.hidden_dim, spike_driven=scfg.spike_driven
+    )
     tok_ts = t_steps * n_tok
     if scfg.gradient_checkpointing:
         acts = tok_ts * (scfg.depth * d * 4.0 + per_layer * act_bytes + outside * 4.0)

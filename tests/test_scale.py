@@ -394,13 +394,14 @@ def test_docs_show_the_plans_this_code_computes():
         assert table.split("\n", 3)[3] in doc, teacher  # the rows and the verdict, verbatim
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "spike-driven"])
 @pytest.mark.parametrize("coding", ["count", "temporal"])
 @pytest.mark.parametrize("gc", [False, True])
-def test_student_activation_estimate_matches_measured_saved_tensors(gc, coding):
+def test_student_activation_estimate_matches_measured_saved_tensors(gc, coding, mode):
     """The plan's activation formula against the bytes autograd actually saves (CPU, fp32)."""
     cfg = StudentConfig(
         vocab_size=64, dim=128, depth=3, num_heads=4, num_kv_heads=2, num_timesteps=4, gradient_checkpointing=gc,
-        coding=coding,
+        coding=coding, mode=mode,
     )
     model = SpikingStudentLM(cfg).train()
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
@@ -414,7 +415,9 @@ def test_student_activation_estimate_matches_measured_saved_tensors(gc, coding):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.forward_hidden(torch.randint(0, 64, (b, s)))
     measured = sum(v for k, v in seen.items() if k not in own)
-    per_layer, outside = student_activation_values(cfg.dim, cfg.depth, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_dim)
+    per_layer, outside = student_activation_values(
+        cfg.dim, cfg.depth, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_dim, spike_driven=cfg.spike_driven
+    )
     n = model.passes * b * s
     layers = cfg.depth * cfg.dim if gc else cfg.depth * per_layer
     estimate = n * (layers + outside) * 4
