@@ -373,7 +373,15 @@ class SpikingStudentLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, S] int64 -> logits [B, S, V] float32."""
-        h = self.forward_hidden(input_ids)
+        return self._head(self.forward_hidden(input_ids))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's input [B, S, D] -> logits [B, S, V] float32. An ONNX export scales the input
+        by the readout's gain / T instead of folding it into the weight, so that a tied head stays one
+        matrix with the embedding in the file (the same logits, up to rounding)."""
+        if self.head_gain is not None and torch.onnx.is_in_onnx_export():
+            w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            return F.linear(h * (self.head_gain / self.timesteps).to(h.dtype), w).float()
         return F.linear(h, self.lm_head_weight).float()
 
     def forward_step(
@@ -386,7 +394,7 @@ class SpikingStudentLM(nn.Module):
         costs one position of work. `past` may be of any dtype (uint8 from the decode graph).
         """
         h, present = self._body(input_ids, past)
-        return F.linear(h, self.lm_head_weight).float(), present
+        return self._head(h), present
 
     # ---- spike statistics (read by logging and evaluation) ----
     def lif_modules(self) -> list[LIF]:

@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox"
 
 
-def make_artifacts(folder: Path, tokenizer, student_type: str = "snn", seed: int = 0, dim: int = 32) -> Path:
+def make_artifacts(
+    folder: Path, tokenizer, student_type: str = "snn", seed: int = 0, dim: int = 32, mode: str = "hybrid"
+) -> Path:
     """Save a tiny random student (weights scaled so greedy output varies with context)."""
     from snn_distill.student import SpikingStudentLM
 
     torch.manual_seed(seed)
     cfg = StudentConfig(vocab_size=len(tokenizer), dim=dim, depth=2, num_heads=4, num_kv_heads=2, num_timesteps=4,
-                        student_type=student_type)
+                        student_type=student_type, mode=mode)
     model = SpikingStudentLM(cfg)
     with torch.no_grad():
         for blk in model.blocks:
@@ -64,6 +66,18 @@ def exported(tmp_path_factory, tiny_tokenizer):
 # --------------------------------------------------------------------------------------------------
 # the full graph
 # --------------------------------------------------------------------------------------------------
+
+
+def test_spike_driven_graphs_store_the_tied_vocabulary_matrix_once(tmp_path, tiny_tokenizer):
+    """The spike-driven head's readout gain scales its input in the graph instead of being folded into
+    a second [V, D] copy of the embedding; the logits still match PyTorch (verified by the export)."""
+    path = make_artifacts(tmp_path, tiny_tokenizer, mode="spike-driven")
+    result = export_onnx(path, decode_graph=True, seq_lens=(1, 7))
+    assert result["max_abs_diff"] <= 1e-3 and result["decode_max_abs_diff"] <= 1e-3
+    vocab = len(tiny_tokenizer)
+    for name in ("student.onnx", "student.decode.onnx"):
+        proto = onnx.load(str(tmp_path / name))
+        assert sum(1 for t in proto.graph.initializer if vocab in t.dims) == 1, name
 
 
 def test_full_graph_is_opset17_self_contained_and_passes_checker(exported):
