@@ -162,10 +162,6 @@ class CachedTeacher:
             h.update(a.tobytes())
         return self.cache_dir / f"{h.hexdigest()}.npy"
 
-    def cached(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
-        f = self._key(ids, mask)
-        return f is not None and f.is_file()
-
     def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         f = self._key(ids, mask)
         if f is not None and f.is_file():

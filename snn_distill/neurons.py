@@ -52,7 +52,7 @@ __all__ = [
     "surrogate_derivative",
 ]
 
-# A rate floor lowers a quiet channel's threshold by this log-step per training forward, at the peak
+# A rate floor lowers a quiet channel's threshold by this log-step per optimizer step, at the peak
 # learning rate (about 5 %: a silent channel wakes within tens of steps, a firing one is untouched).
 FLOOR_STEP = 0.05
 
@@ -769,8 +769,8 @@ class LIF(torch.nn.Module):
             out, steps = self._counts(x, decay, threshold), T
         else:
             out, steps = self._spikes(seq, decay, threshold).view(x.shape), 1
-        if self.homeostasis and adapting and not torch.compiler.is_exporting():
-            self._adapt(self._channel_rate(out.detach() / steps))
+        if self.homeostasis and adapting:
+            self._adapt(out.detach() / steps)
         if self.rate_floor and adapting and not torch.compiler.is_exporting():
             # applied after the optimizer step: this forward's thresholds are saved for its backward
             counts = out.detach().reshape(-1, out.shape[-1]).sum(0, dtype=torch.float32)
@@ -835,16 +835,11 @@ class LIF(torch.nn.Module):
         self.calibrated.fill_(True)
 
     @torch.no_grad()
-    def _channel_rate(self, spikes: Tensor) -> Tensor:
-        """Spikes (or counts / T) [..., F] -> each channel's rate [F] (float32, the mean over ranks)."""
-        rate = spikes.reshape(-1, spikes.shape[-1]).mean(0, dtype=torch.float32)
+    def _adapt(self, spikes: Tensor) -> None:
+        rate = spikes.reshape(-1, spikes.shape[-1]).mean(0, dtype=torch.float32)  # [F]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(rate)  # every rank applies the same update
             rate /= torch.distributed.get_world_size()
-        return rate
-
-    @torch.no_grad()
-    def _adapt(self, rate: Tensor) -> None:
         self.theta.mul_(torch.exp(self.homeostasis * (rate - self.target_rate)).to(self.theta.dtype))
 
     @torch.no_grad()

@@ -321,11 +321,16 @@ class SpikingStudentLM(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=0.02)
 
     @property
+    def _head_matrix(self) -> torch.Tensor:
+        """[V, D] the output projection's own parameter: the embedding matrix when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
     def lm_head_weight(self) -> torch.Tensor:
         """[V, D] output projection (the embedding matrix when tied), with the spike-driven
         readout's gain and 1/T folded in, so that `F.linear(forward_hidden(ids), lm_head_weight)`
         gives the logits."""
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        w = self._head_matrix
         if self.config.qat_int8 and self.training:
             w = fake_quant_int8(w)
         if self.head_gain is not None:
@@ -380,8 +385,7 @@ class SpikingStudentLM(nn.Module):
         by the readout's gain / T instead of folding it into the weight, so that a tied head stays one
         matrix with the embedding in the file (the same logits, up to rounding)."""
         if self.head_gain is not None and torch.onnx.is_in_onnx_export():
-            w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-            return F.linear(h * (self.head_gain / self.timesteps).to(h.dtype), w).float()
+            return F.linear(h * (self.head_gain / self.timesteps).to(h.dtype), self._head_matrix).float()
         return F.linear(h, self.lm_head_weight).float()
 
     def forward_step(
