@@ -649,7 +649,8 @@ class LIF(torch.nn.Module):
     (rows of F neurons seen, i.e. timesteps x tokens) until `reset_stats()`; with `record_margin`,
     a forward without grad also leaves `lif_margin`'s margin of its input in `last_margin`; with
     `keep_counts`, a forward with grad leaves its spikes per channel [F] (float32, in the autograd
-    graph) in `last_counts` and its token count in `last_tokens` (an energy budget's penalty).
+    graph) in `last_counts` and its token count in `last_tokens` (an energy budget's penalty; its
+    gradient flows only through the spikes that fired, never into a neuron's silent inputs).
 
     With `channels`, the threshold is per channel (a buffer, or a parameter with
     `learn_threshold`), and `learn_decay` makes the leak a per-channel parameter (decay = sigmoid(w),
@@ -781,7 +782,11 @@ class LIF(torch.nn.Module):
             self._record(out.detach(), steps=steps)
             if self.keep_counts and torch.is_grad_enabled():
                 feats = out.shape[-1]
-                self.last_counts = out.reshape(-1, feats).sum(0, dtype=torch.float32)
+                # only the spikes that happened carry the budget's gradient, as an L1 penalty on a
+                # ReLU's output: through the surrogate, every silent neuron would be pushed further
+                # below its threshold, until no input could ever make it fire again (a dead neuron)
+                fired = out * (out.detach() != 0)
+                self.last_counts = fired.reshape(-1, feats).sum(0, dtype=torch.float32)
                 self.last_tokens = out.numel() // feats // (1 if self.count else T)
         return out
 

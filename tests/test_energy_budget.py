@@ -13,6 +13,7 @@ from snn_distill.config import StudentConfig, TrainConfig
 from snn_distill.distill import BUDGET_MARGIN, energy_budget_at, energy_penalty, mean_context
 from snn_distill.energy import training_energy_ratios
 from snn_distill.evaluate import efficiency_report, measure_spikes
+from snn_distill.neurons import LIF, TernaryLIF
 from snn_distill.student import SpikingStudentLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,6 +82,37 @@ def test_hinge_pushes_spikes_down_only_above_the_budget():
         assert up is not None and float(up.abs().sum()) > 0  # reaches the weights through the surrogate
         if budget_body is not None:  # the body's budget never touches the head's input neurons
             assert model.head_gain.grad is None or float(model.head_gain.grad.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("count", [True, False], ids=["count", "temporal"])
+@pytest.mark.parametrize("ternary", [False, True], ids=["binary", "ternary"])
+def test_the_budget_gradient_never_reaches_a_silent_neuron(count, ternary):
+    """Through the surrogate, a penalty on spike counts would push every silent neuron further below
+    its threshold (the dead neurons of a budgeted run); the kept counts carry gradient only where
+    a neuron fired, like an L1 penalty on a ReLU's output."""
+    t, rows = 4, 6
+    lif = (TernaryLIF if ternary else LIF)(t, 0.5, 1.0, channels=3, count=count)
+    lif.keep_counts = True
+    # channel 0 fires, channel 1 sits just under the threshold (inside the surrogate's window), and
+    # channel 2 fires on half the rows
+    cur = torch.tensor([1.6, 0.45, 0.0]).repeat(rows, 1)
+    cur[::2, 2] = 1.6
+    if ternary:
+        cur[1::2] = -cur[1::2]  # a ternary neuron fires on the magnitude: the sign must not matter
+    x = (cur if count else cur.repeat(t, 1)).requires_grad_(True)
+    out = lif(x)
+    assert float(out.detach()[..., 1].abs().sum()) == 0 and float(out.detach()[..., 0].abs().sum()) > 0
+    (surrogate,) = torch.autograd.grad((out * x.detach().sign()).sum(), x, retain_graph=True)
+    assert float(surrogate[..., 1].abs().sum()) > 0  # the surrogate alone would reach channel 1
+    lif.last_counts.sum().backward()
+    g = x.grad
+    assert float(g[..., 1].abs().sum()) == 0  # silent everywhere: untouched by the budget
+    assert float(g[..., 0].abs().min()) > 0  # firing: the budget pushes down
+    lead = rows if count else rows * t
+    fired = (torch.arange(lead) % 2 == 0) if count else (torch.arange(lead) % rows % 2 == 0)
+    assert float(g[~fired, 2].abs().sum()) == 0 and float(g[fired, 2].abs().min()) > 0
+    kept = lif.last_counts.detach()
+    assert float(kept[1]) == 0 and float(kept[0]) > 0
 
 
 def test_the_ramp_tightens_the_budget_linearly_then_holds_it():
