@@ -165,7 +165,7 @@ def test_a_budgeted_run_ends_near_its_budget_and_below_the_free_run(tiny_teacher
     budget = round(0.6 * ratio, 3)
     held, log = train("budget", "--snn-energy-budget", str(budget))
     assert held["training_config"]["energy_budget"] == budget
-    assert held["training_config"]["energy_ramp"] == 0.5 and held["training_config"]["energy_weight"] == 2.0
+    assert held["training_config"]["energy_ramp"] == 0.3 and held["training_config"]["energy_weight"] == 2.0
     assert free["training_config"]["energy_ramp"] is None  # no budget: nothing ramps
     got = held["efficiency"]["energy_ratio_snn_to_ann"]
     assert got <= budget * 1.15, (got, budget, ratio)

@@ -144,24 +144,30 @@ def test_int8_is_smaller_and_agreement_is_reported(exported):
     assert logits.shape == (1, 3, 384) and np.isfinite(logits).all()
 
 
-def test_int8_keeps_a_trained_students_choices(tiny_teacher_dir, tmp_path):
-    """A briefly distilled student of the demo's shape (dim 128, depth 2, 4 heads, T=4): int8 keeps at least
-    90 % of its top-1 choices on sample text and its distribution (mean KL(fp32 || int8) under 0.005).
-    Over seeds 0-2 and both LIF/loss kernels the 60-step student gave 92.6-98.5 % and KL 0.0004-0.001
-    (the demo's SmolLM2 student: 98 %, BENCHMARKS.md): top-1 on ~1k tokens moves with the seed, the KL
-    bound is the tight one. Per-tensor instead of per-channel weight scales, or a quantized embedding,
-    breaks this."""
+@pytest.mark.parametrize(
+    "mode, steps, top1, agree, kl",
+    [("hybrid", 60, 0.2, 0.90, 0.005), ("spike-driven", 120, 0.15, 0.70, 0.02)],
+)
+def test_int8_keeps_a_trained_students_choices(tiny_teacher_dir, tmp_path, mode, steps, top1, agree, kl):
+    """A briefly distilled student of the demo's shape (dim 128, depth 2, 4 heads, T=4): int8 keeps most of
+    its top-1 choices on sample text and its distribution (mean KL(fp32 || int8)).
+
+    hybrid, 60 steps: over seeds 0-2 and both LIF/loss kernels 92.6-98.5 % and KL 0.0004-0.001; per-tensor
+    instead of per-channel weight scales, or a quantized embedding, breaks the 90 % / 0.005 bars.
+    spike-driven (the default) learns more slowly (top-1 0.10 with the teacher at 60 steps, 0.18-0.25 at
+    120) and int8 moves its spikes more: seeds 0-2 at 120 steps kept 86 / 83 / 75 % of the choices at KL
+    0.009 / 0.006 / 0.006 (the demo's SmolLM2 student: 88 %, BENCHMARKS.md)."""
     from snn_distill.config import TrainConfig
     from snn_distill.distill import train
 
     out = tmp_path / "trained"
-    cfg = TrainConfig(teacher_model=str(tiny_teacher_dir), output_dir=str(out), num_steps=60, batch_size=4,
+    cfg = TrainConfig(teacher_model=str(tiny_teacher_dir), output_dir=str(out), num_steps=steps, batch_size=4,
                       max_length=32, lr=3e-3, log_interval=0, git_tracking=False, device="cpu", seed=0)
-    run = train(cfg, {"dim": 128, "depth": 2, "num_heads": 4, "num_timesteps": 4}, progress=False)
-    assert run.metadata["evaluation"]["top1_agreement"] > 0.2  # it learned from the teacher
+    run = train(cfg, {"dim": 128, "depth": 2, "num_heads": 4, "num_timesteps": 4, "mode": mode}, progress=False)
+    assert run.metadata["evaluation"]["top1_agreement"] > top1  # it learned from the teacher
     result = export_onnx(out / "student.pt", quantize="int8")
-    assert result["int8_top1_agreement"] >= 0.90, result
-    assert 0.0 <= result["int8_mean_kl"] < 0.005, result
+    assert result["int8_top1_agreement"] >= agree, result
+    assert 0.0 <= result["int8_mean_kl"] < kl, result
 
 
 def test_decode_graph_token_by_token_matches_full_graph_and_pytorch(exported):

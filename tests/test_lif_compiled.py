@@ -175,9 +175,10 @@ def _autograd_nodes(t: torch.Tensor) -> set[str]:
 @needs_cxx
 @pytest.mark.parametrize("kernel", ["compiled", "fused", "loop"])
 def test_student_config_chooses_the_kernel(kernel: str) -> None:
-    cfg = StudentConfig(  # the multi-step kernels run the temporal coding's T-step LIFs
-        vocab_size=50, dim=32, depth=1, num_heads=2, num_timesteps=4, lif_kernel=kernel, coding="temporal"
-    )
+    cfg = StudentConfig(  # the multi-step kernels run the temporal coding's T-step LIFs with fixed thresholds
+        vocab_size=50, dim=32, depth=1, num_heads=2, num_timesteps=4, lif_kernel=kernel, coding="temporal",
+        mode="hybrid",
+    )  # fmt: skip
     torch.manual_seed(0)
     student = SpikingStudentLM(cfg)
     assert {m.kernel for m in student.lif_modules()} == {kernel}

@@ -86,13 +86,13 @@ def test_floor_step_zero_and_floor_zero_leave_the_thresholds():
 
 
 def test_the_floor_is_a_spike_driven_default_and_in_the_metadata():
-    assert StudentConfig(vocab_size=97, mode="spike-driven").rate_floor == 0.01
-    assert StudentConfig(vocab_size=97).rate_floor == 0.0  # hybrid: off
+    assert StudentConfig(vocab_size=97).rate_floor == 0.01  # spike-driven, the default layout
+    assert StudentConfig(vocab_size=97, mode="hybrid").rate_floor == 0.0  # hybrid: off
     assert StudentConfig(vocab_size=97, mode="spike-driven", rate_floor=0.0).rate_floor == 0.0
     with pytest.raises(ValueError, match="--snn-rate-floor must be in"):
         StudentConfig(vocab_size=97, mode="spike-driven", rate_floor=0.6)
     with pytest.raises(ValueError, match="--snn-rate-floor moves per-channel thresholds"):
-        StudentConfig(vocab_size=97, coding="temporal", rate_floor=0.01)  # one threshold per layer
+        StudentConfig(vocab_size=97, mode="hybrid", coding="temporal", rate_floor=0.01)  # one threshold per layer
     cfg = StudentConfig(vocab_size=97, dim=32, num_heads=4, mode="spike-driven")
     meta = {"architecture": {"vocab_size": 97, "dim": 32, "num_heads": 4}, "snn_config": cfg.snn_config_dict()}
     assert StudentConfig.from_metadata(meta).rate_floor == 0.01

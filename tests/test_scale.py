@@ -58,10 +58,13 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_match_one_process_on_the_combined_batch(tiny_teacher_dir, tmp_path):
     """torchrun 2 x (batch 2, accumulation 2) == 1 x (batch 4, accumulation 2): rank r takes every
     other block of the same shuffled order, the loss is normalised by all ranks' tokens, and DDP
-    all-reduces every gradient (the tied embedding/LM head included). Temporal coding: a count-coded
-    student calibrates its thresholds on each rank's first micro-batch (averaged over ranks), which is
+    all-reduces every gradient (the tied embedding/LM head included). The hybrid layout with temporal
+    coding: a spike-driven or count-coded student calibrates its thresholds on each rank's first
+    micro-batch (averaged over ranks), which is
     not the single process's calibration on its own first micro-batch."""
     common = [
+        "--snn-mode",
+        "hybrid",
         "--snn-coding",
         "temporal",
         "--teacher-model",

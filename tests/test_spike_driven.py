@@ -75,7 +75,8 @@ def test_metadata_round_trip_and_old_metadata_loads_as_hybrid():
 def test_each_layout_gets_its_measured_neuron_defaults_and_flags_override_them():
     from snn_distill.cli import configs_from_args, parse_train_args
 
-    sd, hy = StudentConfig(vocab_size=V, mode="spike-driven"), StudentConfig(vocab_size=V)
+    sd, hy = StudentConfig(vocab_size=V), StudentConfig(vocab_size=V, mode="hybrid")
+    assert sd.mode == "spike-driven"  # the default layout, and its neurons
     assert (sd.ternary, sd.learn_threshold, sd.target_rate) == (True, True, 0.2)
     assert (hy.ternary, hy.learn_threshold, hy.target_rate) == (False, False, 0.15)
     assert sd.snn_config_dict()["ternary"] is True  # metadata records the resolved values
@@ -88,9 +89,10 @@ def test_each_layout_gets_its_measured_neuron_defaults_and_flags_override_them()
     got = student("--snn-mode", "spike-driven", "--no-snn-ternary", "--no-snn-learn-threshold")
     assert StudentConfig(vocab_size=V, **got).ternary is False and got["learn_threshold"] is False
     assert StudentConfig(vocab_size=V, **student("--snn-mode", "spike-driven")).ternary is True
-    assert StudentConfig(vocab_size=V, **student("--snn-learn-threshold")).learn_threshold is True
+    assert StudentConfig(vocab_size=V, **student()).mode == "spike-driven"
+    assert StudentConfig(vocab_size=V, **student("--snn-mode", "hybrid", "--snn-learn-threshold")).learn_threshold
     with pytest.raises(ValueError, match="--snn-ternary applies"):
-        StudentConfig(vocab_size=V, **student("--snn-ternary"))
+        StudentConfig(vocab_size=V, **student("--snn-mode", "hybrid", "--snn-ternary"))
 
 
 def test_calibration_sets_every_layer_near_the_target_rate_once(tmp_path):

@@ -1,5 +1,6 @@
-"""SpikingStudentLM with temporal coding (T rows per token): shapes, binary spikes, causality, folded-T ==
-per-timestep loop, decode cache. Count coding, the default, is tested in test_counting.py."""
+"""SpikingStudentLM in the hybrid layout with temporal coding (T rows per token): shapes, binary spikes,
+causality, folded-T == per-timestep loop, decode cache. Count coding (the default) is tested in
+test_counting.py, the spike-driven layout (the default) in test_spike_driven.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ V = 97
 
 def make(seed: int = 0, **kw) -> SpikingStudentLM:
     torch.manual_seed(seed)
-    args = dict(vocab_size=V, dim=32, depth=2, num_heads=4, num_timesteps=4, coding="temporal")
+    args = dict(vocab_size=V, dim=32, depth=2, num_heads=4, num_timesteps=4, coding="temporal", mode="hybrid")
     args.update(kw)
     return SpikingStudentLM(StudentConfig(**args))
 
