@@ -188,8 +188,8 @@ def _add_snn_flags(g: argparse._ArgumentGroup) -> None:
         "--snn-mode",
         choices=SNN_MODES,
         default=STUDENT_DEFAULTS["mode"],
-        help="hybrid: spikes feed attention and the MLP down-projection; spike-driven: every weight matmul "
-        "(Q/K/V, attention output, MLP up/down, LM head) reads spikes",
+        help="spike-driven (default): every weight matmul (Q/K/V, attention output, MLP up/down, LM head) reads "
+        "spikes; hybrid: spikes feed attention and the MLP down-projection only",
     )
     g.add_argument(
         "--snn-coding",
