@@ -380,7 +380,8 @@ def verify_checksum(model_path: str | Path, metadata: dict[str, Any]) -> None:
 
 
 def build_student(metadata: dict[str, Any], state_dict: dict[str, Any]):
-    """Rebuild the student described by metadata and load its weights, naming any mismatch."""
+    """Rebuild the student described by metadata and load its weights, naming any mismatch. The model
+    is for inference: in eval mode, and a QAT student's weights are baked to their int8 values."""
     from .student import SpikingStudentLM
 
     try:
@@ -405,6 +406,7 @@ def build_student(metadata: dict[str, Any], state_dict: dict[str, Any]):
                 f"{tuple(v.shape)} (vocab_size={cfg.vocab_size}, dim={cfg.dim}); use the metadata.json of the same run"
             )
     model.load_state_dict(state_dict)
+    model.bake_int8_weights()
     model.eval()
     return model
 

@@ -198,7 +198,7 @@ def measure_spikes(model: torch.nn.Module, batches: Sequence[Batch], device: tor
     model.set_record_stats(True)
     counter = MatmulCounter(model)
     try:
-        with counter:
+        with counter, model.int8_weights():
             for ids in _unpadded(batches):
                 model(ids.to(device))
                 b, s = ids.shape

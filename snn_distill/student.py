@@ -43,7 +43,9 @@ activation where a LIF feeds Q/K/V, the attention output or the head; GELU in th
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,15 +60,18 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 def fake_quant_int8(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric per-output-channel int8 fake quantization of a weight [out, in] with a
-    straight-through gradient (the forward sees int8-rounded weights, the backward is identity)."""
-    scale = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127.0
+    """Symmetric int8 fake quantization of each row (the last dim) with a straight-through gradient: a
+    weight [out, in] per output channel, or gathered embedding rows [..., D] per token (the forward sees
+    int8-rounded values, the backward is identity). The scale is the row's max |value| / 127, as ONNX
+    Runtime's symmetric per-channel int8 quantizer computes it."""
+    scale = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
     q = torch.clamp(torch.round(w / scale), -127, 127) * scale
     return w + (q - w).detach()
 
 
 class QLinear(nn.Linear):
-    """nn.Linear without bias whose weight is fake-quantized to int8 while training with QAT.
+    """nn.Linear without bias whose weight is fake-quantized to int8 with QAT, in training and in
+    evaluation alike: the int8-rounded weight is the one the student learned to compute with.
 
     `in_scale` multiplies the output (a constant that folds into the weight): 1/T where the input
     is a count-coded spike code (counts 0..T), so the layer sees the token's mean spike rate.
@@ -78,7 +83,7 @@ class QLinear(nn.Linear):
         self.in_scale = float(in_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = fake_quant_int8(self.weight) if self.qat and self.training else self.weight
+        w = fake_quant_int8(self.weight) if self.qat else self.weight
         y = F.linear(x, w)  # the matmul reads x itself (spike counts stay integers for energy.py)
         return y if self.in_scale == 1.0 else y * self.in_scale
 
@@ -291,6 +296,7 @@ class SpikingStudentLM(nn.Module):
         self.head_lif = _make_lif(config, "head.in", config.dim, signed=True) if config.spiking and sd else None
         self.head_gain = nn.Parameter(torch.ones(config.dim)) if sd else None
         self.lm_head = None if config.tie_embeddings else QLinear(config.dim, config.vocab_size, config.qat_int8)
+        self.qat = config.qat_int8  # fake-quantize the embedding and head rows too (bake_int8_weights turns it off)
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
@@ -331,7 +337,7 @@ class SpikingStudentLM(nn.Module):
         readout's gain and 1/T folded in, so that `F.linear(forward_hidden(ids), lm_head_weight)`
         gives the logits."""
         w = self._head_matrix
-        if self.config.qat_int8 and self.training:
+        if self.qat:
             w = fake_quant_int8(w)
         if self.head_gain is not None:
             w = w * (self.head_gain / self.timesteps).to(w.dtype)
@@ -345,6 +351,8 @@ class SpikingStudentLM(nn.Module):
         t = self.passes
         offset = 0 if past is None else past[0][0].shape[2]
         x = self.embed(input_ids)  # [B, S, D]
+        if self.qat:  # the int8 export looks tokens up in the head's per-row int8 matrix
+            x = fake_quant_int8(x)
         if t > 1:
             x = x.unsqueeze(0).expand(t, b, s, x.shape[-1]).reshape(t * b, s, x.shape[-1])
         cos, sin = rope_cos_sin(self.inv_freq, 0, offset + s, x.dtype)  # cached keys are rotated on read
@@ -401,6 +409,43 @@ class SpikingStudentLM(nn.Module):
         return self._head(h), present
 
     # ---- spike statistics (read by logging and evaluation) ----
+    def bake_int8_weights(self) -> None:
+        """With QAT: store every weight matrix (embedding and head included) as its int8-rounded value and
+        stop fake-quantizing. The model computes the same function without re-rounding its weights on
+        every forward (the head's on every decoded token), and an export carries exactly these weights.
+        The float shadow weights are gone, so bake only a student that is done training."""
+        if not self.config.qat_int8:
+            return
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, QLinear) and m.qat:
+                    m.weight.copy_(fake_quant_int8(m.weight))
+                    m.qat = False
+            self.embed.weight.copy_(fake_quant_int8(self.embed.weight))
+        self.qat = False
+
+    @contextlib.contextmanager
+    def int8_weights(self) -> Iterator[None]:
+        """With QAT: hold the int8-rounded weights in the parameters for the duration (the same function;
+        `energy.MatmulCounter` names each matmul by its weight parameter, which fake quantization would
+        hide), then restore the float shadow weights and the fake quantization. Without QAT: nothing."""
+        if not self.qat:
+            yield
+            return
+        shadow = {n: p.detach().clone() for n, p in self.named_parameters() if p.dim() == 2}
+        self.bake_int8_weights()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.named_parameters():
+                    if n in shadow:
+                        p.copy_(shadow[n])
+            for m in self.modules():
+                if isinstance(m, QLinear):
+                    m.qat = True
+            self.qat = True
+
     def lif_modules(self) -> list[LIF]:
         return [m for m in self.modules() if isinstance(m, LIF)]
 

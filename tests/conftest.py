@@ -122,3 +122,27 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SNN_DISTILL_CACHE", str(tmp_path / "cache"))
+
+
+def save_tiny_student(folder: Path, tokenizer, student_type: str = "snn", seed: int = 0, dim: int = 32,
+                      mode: str = "hybrid", **kw) -> Path:  # fmt: skip
+    """Save a tiny random student (depth 2, 4 heads, 2 KV heads, T=4; `kw`: more StudentConfig fields),
+    its residual branches scaled up so that greedy output varies with context. Returns its student.pt."""
+    import torch
+
+    from snn_distill.artifacts import build_metadata, save_artifacts
+    from snn_distill.config import StudentConfig
+    from snn_distill.student import SpikingStudentLM
+
+    torch.manual_seed(seed)
+    cfg = StudentConfig(vocab_size=len(tokenizer), dim=dim, depth=2, num_heads=4, num_kv_heads=2, num_timesteps=4,
+                        student_type=student_type, mode=mode, **kw)  # fmt: skip
+    model = SpikingStudentLM(cfg)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.proj.weight.normal_(0, 0.3)
+            blk.mlp.down.weight.normal_(0, 0.3)
+    meta = build_metadata(cfg, model.num_parameters(), {}, {"tokenizer_name": "tiny-test-bpe"},
+                          {"steps": 0, "avg_loss": 0.0}, git_tracking=False)  # fmt: skip
+    save_artifacts(folder, model.state_dict(), meta, tokenizer=tokenizer)
+    return folder / "student.pt"

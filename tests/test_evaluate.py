@@ -263,3 +263,19 @@ def test_evaluator_bad_input_is_one_line(trained_artifacts, tiny_teacher_dir, tm
     (broken / "student.pt").write_bytes((out / "student.pt").read_bytes())
     (broken / "metadata.json").write_text("{not json")
     assert "not valid JSON" in _one_line_error(["--artifacts", str(broken), *q], capsys)
+
+
+def test_a_qat_students_matmuls_are_named_and_its_weights_kept():
+    """Efficiency of a QAT student (fake-quantized weights are new tensors each forward): every weight
+    matmul is still named by its parameter, the measurement uses the int8-rounded weights, and the float
+    shadow weights and the fake quantization come back afterwards (training goes on from them)."""
+    torch.manual_seed(0)
+    cfg = StudentConfig(vocab_size=11, dim=8, depth=2, num_heads=2, mode="spike-driven", qat_int8=True)
+    model = SpikingStudentLM(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids, mask = torch.randint(0, 11, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    rep = evaluate_efficiency(model, [(ids, mask)])
+    names = set(rep["matmuls"])
+    assert names == {n for n, *_ in model.weight_matmuls()}, names
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert model.qat and all(m.qat for m in model.modules() if hasattr(m, "in_scale"))

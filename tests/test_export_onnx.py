@@ -15,34 +15,15 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from snn_distill.artifacts import build_metadata, load_student, save_artifacts  # noqa: E402
+from conftest import save_tiny_student  # noqa: E402
+
+from snn_distill.artifacts import load_student  # noqa: E402
 from snn_distill.cli import export_main  # noqa: E402
-from snn_distill.config import StudentConfig  # noqa: E402
 from snn_distill.export import onnx as onnx_export  # noqa: E402
 from snn_distill.export.onnx import ExportError, decode_io_names, export_onnx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "The quick brown fox"
-
-
-def make_artifacts(
-    folder: Path, tokenizer, student_type: str = "snn", seed: int = 0, dim: int = 32, mode: str = "hybrid"
-) -> Path:
-    """Save a tiny random student (weights scaled so greedy output varies with context)."""
-    from snn_distill.student import SpikingStudentLM
-
-    torch.manual_seed(seed)
-    cfg = StudentConfig(vocab_size=len(tokenizer), dim=dim, depth=2, num_heads=4, num_kv_heads=2, num_timesteps=4,
-                        student_type=student_type, mode=mode)
-    model = SpikingStudentLM(cfg)
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.proj.weight.normal_(0, 0.3)
-            blk.mlp.down.weight.normal_(0, 0.3)
-    meta = build_metadata(cfg, model.num_parameters(), {}, {"tokenizer_name": "tiny-test-bpe"},
-                          {"steps": 0, "avg_loss": 0.0}, git_tracking=False)
-    save_artifacts(folder, model.state_dict(), meta, tokenizer=tokenizer)
-    return folder / "student.pt"
 
 
 def onnx_files(folder: Path) -> list[str]:
@@ -57,7 +38,7 @@ def run_session(path: Path, feeds: dict) -> list:
 def exported(tmp_path_factory, tiny_tokenizer):
     """One export with every option: fp32 + int8, full + decode graphs, .ort files."""
     d = tmp_path_factory.mktemp("onnx_all")
-    model_path = make_artifacts(d, tiny_tokenizer)
+    model_path = save_tiny_student(d, tiny_tokenizer)
     result = export_onnx(model_path, quantize="int8", decode_graph=True, ort=True, seq_lens=(1, 7, 16))
     model, _ = load_student(model_path)
     return d, result, model
@@ -71,7 +52,7 @@ def exported(tmp_path_factory, tiny_tokenizer):
 def test_spike_driven_graphs_store_the_tied_vocabulary_matrix_once(tmp_path, tiny_tokenizer):
     """The spike-driven head's readout gain scales its input in the graph instead of being folded into
     a second [V, D] copy of the embedding; the logits still match PyTorch (verified by the export)."""
-    path = make_artifacts(tmp_path, tiny_tokenizer, mode="spike-driven")
+    path = save_tiny_student(tmp_path, tiny_tokenizer, mode="spike-driven")
     result = export_onnx(path, decode_graph=True, seq_lens=(1, 7))
     assert result["max_abs_diff"] <= 1e-3 and result["decode_max_abs_diff"] <= 1e-3
     vocab = len(tiny_tokenizer)
@@ -276,7 +257,7 @@ def test_onnx_backend_missing_file_is_an_artifact_error(tmp_path):
 
 def test_cli_spec_command(tmp_path, tiny_tokenizer):
     d = tmp_path / "snn_student_llama"
-    make_artifacts(d, tiny_tokenizer, seed=1)
+    save_tiny_student(d, tiny_tokenizer, seed=1)
     cmd = [sys.executable, str(ROOT / "scripts" / "export_snn_to_onnx.py"),
            "--model-path", str(d / "student.pt"), "--metadata-path", str(d / "metadata.json"),
            "--output-path", str(d / "student.onnx")]
@@ -289,7 +270,7 @@ def test_cli_spec_command(tmp_path, tiny_tokenizer):
 
 
 def test_ann_student_exports_to_siblings_by_default(tmp_path, tiny_tokenizer):
-    make_artifacts(tmp_path, tiny_tokenizer, student_type="ann")
+    save_tiny_student(tmp_path, tiny_tokenizer, student_type="ann")
     # metadata + output default to siblings
     result = export_onnx(tmp_path / "student.pt", decode_graph=True, seq_lens=(1, 6))
     assert result["path"] == str(tmp_path / "student.onnx") and (tmp_path / "student.decode.onnx").is_file()
@@ -299,7 +280,7 @@ def test_ann_student_exports_to_siblings_by_default(tmp_path, tiny_tokenizer):
 
 
 def test_external_data_above_the_single_file_limit(tmp_path, tiny_tokenizer, monkeypatch):
-    make_artifacts(tmp_path, tiny_tokenizer)
+    save_tiny_student(tmp_path, tiny_tokenizer)
     monkeypatch.setattr(onnx_export, "SINGLE_FILE_LIMIT", 0)
     out = tmp_path / "out" / "model.onnx"
     result = export_onnx(tmp_path / "student.pt", output_path=out, seq_lens=(3,))
@@ -316,7 +297,7 @@ def test_external_data_above_the_single_file_limit(tmp_path, tiny_tokenizer, mon
 
 @pytest.fixture
 def artifacts(tmp_path, tiny_tokenizer) -> Path:
-    make_artifacts(tmp_path, tiny_tokenizer, seed=2)
+    save_tiny_student(tmp_path, tiny_tokenizer, seed=2)
     return tmp_path
 
 
@@ -370,7 +351,7 @@ def test_failure_in_a_later_step_removes_every_file(artifacts, monkeypatch):
 
 def test_verification_catches_a_wrong_graph(exported, tmp_path, tiny_tokenizer):
     d, _, _ = exported
-    other, _ = load_student(make_artifacts(tmp_path, tiny_tokenizer, seed=3))
+    other, _ = load_student(save_tiny_student(tmp_path, tiny_tokenizer, seed=3))
     with pytest.raises(ExportError, match="no spike near threshold"):
         onnx_export.verify_full_graph(other, d / "student.onnx", (1, 5), 1e-3)
 

@@ -195,14 +195,28 @@ def test_fake_quant_int8_rounds_per_channel_with_straight_through_gradient():
     assert torch.equal(w.grad, torch.ones_like(w))
 
 
-def test_qat_changes_training_forward_only():
-    m = make(qat_int8=True)
-    ids = torch.randint(0, V, (1, 6))
-    m.train()
-    train_out = m(ids)
-    m.eval()
-    eval_out = m(ids)
-    assert not torch.equal(train_out, eval_out)
+@pytest.mark.parametrize("kw", [dict(mode="spike-driven", coding="count"), dict(tie_embeddings=False)])
+def test_qat_student_computes_with_its_int8_rounded_weights(kw):
+    """With QAT, evaluation computes with the int8-rounded weights it trained with (every linear weight
+    per output channel, the embedding and head per row), the function the int8 export ships;
+    bake_int8_weights stores them and gives the same logits without re-rounding."""
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    m = make(qat_int8=True, **kw).eval()
+    with torch.no_grad():
+        out = m(ids)
+        ref = make(qat_int8=False, **kw).eval()
+        for p in ref.parameters():
+            if p.dim() == 2:  # every weight matrix, the embedding included
+                p.copy_(fake_quant_int8(p))
+        torch.testing.assert_close(out, ref(ids), rtol=0, atol=1e-5)
+        assert not torch.allclose(out, make(qat_int8=False, **kw).eval()(ids), atol=1e-4)  # rounding matters
+        m.bake_int8_weights()
+        assert not m.qat and not any(getattr(x, "qat", False) for x in m.modules())
+        torch.testing.assert_close(m(ids), out, rtol=0, atol=1e-5)
+        for p in m.parameters():
+            if p.dim() == 2:  # each row is a multiple of its int8 step
+                steps = p / (p.abs().amax(-1, keepdim=True) / 127)
+                torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize(

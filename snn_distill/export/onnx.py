@@ -4,7 +4,8 @@
 
 * `student.onnx`          full graph: `input_ids` int64 [batch, seq_len] -> `logits` float32
                           [batch, seq_len, vocab], batch and seq_len dynamic, opset 17 by default.
-* `student.int8.onnx`     (quantize="int8") the same graph with int8 weights (dynamic quantization).
+* `student.int8.onnx`     (quantize="int8") the same graph with int8 weights (dynamic quantization;
+                          spike operands read exactly, one per-row int8 embedding: `int8.py`).
 * `student.decode.onnx`   (decode_graph=True) incremental graph with the key/value spike cache as state:
                           `input_ids` [batch, new_len] + `past_key_<i>` / `past_value_<i>`
                           [T*batch, kv_heads, past_len, head_dim] -> `logits` [batch, new_len, vocab] +
@@ -26,7 +27,6 @@ Errors are `ExportError` with a one-line message saying what is wrong and how to
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import os
@@ -45,6 +45,7 @@ from ..artifacts import (
     update_metadata,
     utc_timestamp,
 )
+from .int8 import quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -497,43 +498,6 @@ def _raise_on_failure(cmp: _Comparison, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def quantize_int8(src: Path, dst: Path, workdir: Path) -> None:
-    """Dynamic int8 quantization (per-channel int8 weights, activations quantized at run time).
-
-    `src` should be the raw export, where the tied LM head is a constant (so it gets quantized too).
-    Pre-processing (shape inference + ONNX Runtime's basic graph optimisation) happens in `workdir`.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prep = workdir / f"prep-{dst.name}"
-    with _quiet_loggers("onnxruntime.quantization", ""):
-        try:
-            # ONNX shape inference + ORT's basic optimisation. The symbolic shape inference step is
-            # skipped: it gives up on the decode graph and dynamic int8 does not need it.
-            with contextlib.redirect_stdout(io.StringIO()):
-                quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
-        except Exception as e:  # pre-processing is an optimisation; the raw graph also quantizes
-            log.debug("int8 pre-processing failed (%s); quantizing the raw graph", _first_line(e))
-            prep = src
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_dynamic(str(prep), str(dst), per_channel=True, weight_type=QuantType.QInt8)
-
-
-@contextlib.contextmanager
-def _quiet_loggers(*names: str) -> Iterator[None]:
-    """Raise the given loggers to ERROR for the duration (the quantizer logs progress at INFO/WARNING)."""
-    loggers = [logging.getLogger(n) if n else logging.getLogger() for n in names]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
 def to_ort_format(src: Path, dst: Path) -> None:
     """Convert to ONNX Runtime's `.ort` format as `python -m onnxruntime.tools.convert_onnx_models_to_ort`
     does by default (style "Fixed", all optimisations, without the x86-only NCHWc layout transform)."""
@@ -638,7 +602,8 @@ def export_onnx(
     cache, and prefill + steps). int8 files are judged by top-1 agreement and KL, not logit closeness.
 
     Result keys: path, opset, size_mb, max_abs_diff (None when not verified), seconds; with int8:
-    int8_path, int8_size_mb, int8_top1_agreement, int8_mean_kl, int8_sample; with decode_graph:
+    int8_path, int8_size_mb, int8_top1_agreement, int8_mean_kl, int8_sample, int8_exact_spike_matmuls
+    (weight matmuls that read their spike codes exactly, `export/int8.py`); with decode_graph:
     decode_path, decode_size_mb, cache_bytes_per_token, decode_max_abs_diff (+ decode_int8_path,
     decode_int8_size_mb); with ort: ort_path (+ int8_ort_path, decode_ort_path, decode_int8_ort_path).
     """
@@ -815,17 +780,22 @@ def _export_int8(st: _Staging, out: Path, model_dir: Path, decode_graph: bool) -
     """student.int8.onnx (+ the int8 decode graph), judged by top-1 agreement with fp32 on real text."""
     cfg, res = st.model.config, st.result
     q = sibling_path(out, "int8")
+    ids, source = _sample_ids(model_dir, cfg.vocab_size, cfg.max_seq_len)
+    probes = [ids, *_random_cases(cfg.vocab_size, (16,), cfg.max_seq_len, seed=1)]
+    max_count = st.model.timesteps if cfg.spiking else 0
     with _stage("int8 quantization", "export without --quantize int8 or report this"):
-        quantize_int8(st.work / "full.raw.onnx", st.path(q), st.work)
+        passes = quantize_int8(
+            st.work / "full.raw.onnx", st.path(q), st.work, [{"input_ids": x.numpy()} for x in probes], max_count
+        )
         _relabel(st.path(q), st.props, "int8")
     _check(st.path(q))
     st.written.append(("int8_path", q))
-    ids, source = _sample_ids(model_dir, cfg.vocab_size, cfg.max_seq_len)
     with _stage("running the int8 model in ONNX Runtime", "export without --quantize int8 or report this"):
         agree = int8_agreement(st.path(out), st.path(q), ids)
     res.update(
         int8_path=str(q), int8_size_mb=_size_mb(st.path(q)), int8_top1_agreement=agree["top1_agreement"],
         int8_mean_kl=agree["mean_kl"], int8_sample=f"{ids.shape[0]}x{ids.shape[1]} {source}",
+        int8_exact_spike_matmuls=passes["exact_spike_matmuls"],
     )  # fmt: skip
     log.info(
         "int8: %.2f MB -> %.2f MB, top-1 agreement %.3f, mean KL(fp32||int8) %.4g on %s",
@@ -834,7 +804,10 @@ def _export_int8(st: _Staging, out: Path, model_dir: Path, decode_graph: bool) -
     if decode_graph:
         qd = sibling_path(out, "decode.int8")
         with _stage("int8 quantization (decode graph)", "export without --quantize int8 or report this"):
-            quantize_int8(st.work / "decode.raw.onnx", st.path(qd), st.work)
+            ins, _ = decode_io_names(cfg.depth)
+            empty = dict(zip(ins[1:], [p.numpy() for p in empty_past(st.model, 1, 0)]))
+            feeds = [{"input_ids": x[:1].numpy(), **empty} for x in probes]
+            quantize_int8(st.work / "decode.raw.onnx", st.path(qd), st.work, feeds, max_count)
             _relabel(st.path(qd), st.props, "decode.int8")
         _check(st.path(qd))
         with _stage("running the int8 decode graph", "export without --quantize int8 or report this"):
