@@ -109,15 +109,18 @@ def bench_forward(path: Path, threads: int, seq_len: int, vocab: int, runs: int,
     return statistics.median(times) * 1e3
 
 
-def bench_decode(path: Path, threads: int, tokens: int, timesteps: int, runs: int, warmup: int) -> float:
+def bench_decode(path: Path, threads: int, tokens: int, rows: int, runs: int, warmup: int) -> float:
+    """Median ms per greedily decoded token from an empty cache; `rows`: cache rows per token (T for
+    a temporal spiking student, else 1)."""
     import numpy as np
 
     sess = session(path, threads)
     inputs = sess.get_inputs()
     out_names = [o.name for o in sess.get_outputs()]
+    dtypes = [np.uint8 if i.type == "tensor(uint8)" else np.float32 for i in inputs[1:]]  # spikes: uint8
 
     def one_run() -> float:
-        past = [np.zeros((timesteps, int(i.shape[1]), 0, int(i.shape[3])), np.float32) for i in inputs[1:]]
+        past = [np.zeros((rows, int(i.shape[1]), 0, int(i.shape[3])), dt) for i, dt in zip(inputs[1:], dtypes)]
         tok = 1
         t = time.perf_counter()
         for _ in range(tokens):
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     files = ensure_exported(folder, Path(tmp.name) / "export", args.reexport)
     cfg = StudentConfig.from_metadata(read_metadata(folder / "metadata.json"))
     timesteps = cfg.num_timesteps if cfg.spiking else 1
+    cache_rows = cfg.passes  # cache rows per token
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
 
     rows = []
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for th in threads:
             cells = [f"{bench_forward(files[kind], th, s, cfg.vocab_size, args.runs, args.warmup):.2f}"
                      for s in SEQ_LENS]
-            dec = bench_decode(files[f"decode {kind}"], th, args.decode_tokens, timesteps, args.runs, args.warmup)
+            dec = bench_decode(files[f"decode {kind}"], th, args.decode_tokens, cache_rows, args.runs, args.warmup)
             rows.append((kind, f"{size:.1f}", th, *cells, f"{dec:.2f}"))
             print(f"{kind} threads={th}: {cells} decode {dec:.2f} ms/token", file=sys.stderr)
 

@@ -297,6 +297,7 @@ class SpikingStudentLM(nn.Module):
         self.head_gain = nn.Parameter(torch.ones(config.dim)) if sd else None
         self.lm_head = None if config.tie_embeddings else QLinear(config.dim, config.vocab_size, config.qat_int8)
         self.qat = config.qat_int8  # fake-quantize the embedding and head rows too (bake_int8_weights turns it off)
+        self._folded_head: tuple[tuple, torch.Tensor] | None = None  # lm_head_weight without autograd, by version
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.reset_parameters()
@@ -337,6 +338,20 @@ class SpikingStudentLM(nn.Module):
         readout's gain and 1/T folded in, so that `F.linear(forward_hidden(ids), lm_head_weight)`
         gives the logits."""
         w = self._head_matrix
+        if self.head_gain is None and not self.qat:
+            return w
+        if torch.is_grad_enabled():
+            return self._fold_head(w)
+        # Without autograd (evaluation, decoding) fold once per weight version: the [V, D] multiply
+        # would otherwise cost more than the rest of a decoded token.
+        g = self.head_gain
+        key = (w.data_ptr(), w._version, w.dtype, w.device, self.qat, None if g is None else (g.data_ptr(), g._version))
+        if self._folded_head is None or self._folded_head[0] != key:
+            self._folded_head = (key, self._fold_head(w))
+        return self._folded_head[1]
+
+    def _fold_head(self, w: torch.Tensor) -> torch.Tensor:
+        """The head matrix [V, D] -> int8-rounded with QAT, times the readout's gain / T when spike-driven."""
         if self.qat:
             w = fake_quant_int8(w)
         if self.head_gain is not None:

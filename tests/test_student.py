@@ -237,3 +237,29 @@ def test_config_validation_messages(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         StudentConfig(**args)
+
+
+def test_the_folded_head_is_computed_once_per_weight_version():
+    """Without autograd the spike-driven head's gain is folded into the [V, D] matrix once, not on every
+    decoded token; an in-place change of the embedding or the gain (an optimizer step) refolds it, and
+    with autograd the fold is recomputed and differentiable."""
+    m = make(mode="spike-driven", coding="count").eval()
+    ids = torch.randint(0, V, (1, 5))
+    with torch.no_grad():
+        w = m.lm_head_weight
+        assert m.lm_head_weight is w  # memoised
+        before = m(ids)
+        m.head_gain.mul_(2.0)
+        assert m.lm_head_weight is not w
+        torch.testing.assert_close(m.lm_head_weight, m.embed.weight * (m.head_gain / m.timesteps))
+        after = m(ids)
+        assert not torch.allclose(before, after)
+        m.embed.weight[3].add_(1.0)
+        torch.testing.assert_close(m.lm_head_weight, m.embed.weight * (m.head_gain / m.timesteps))
+    with torch.inference_mode():  # folded in inference mode, then used without it: still fine
+        m.head_gain.mul_(0.5)
+        inf = m(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), inf)
+    g = m.lm_head_weight
+    assert g.requires_grad and g.grad_fn is not None
