@@ -341,6 +341,7 @@ class SpikingStudentLM(nn.Module):
         if self.head_gain is None and not self.qat:
             return w
         if torch.is_grad_enabled():
+            self._folded_head = None  # training: do not hold a [V, D] copy between evaluations
             return self._fold_head(w)
         # Without autograd (evaluation, decoding) fold once per weight version: the [V, D] multiply
         # would otherwise cost more than the rest of a decoded token.

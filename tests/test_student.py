@@ -263,3 +263,4 @@ def test_the_folded_head_is_computed_once_per_weight_version():
         torch.testing.assert_close(m(ids), inf)
     g = m.lm_head_weight
     assert g.requires_grad and g.grad_fn is not None
+    assert m._folded_head is None  # a training step does not keep the inference copy
