@@ -27,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_OPS = ["MatMul"]  # the embedding's Gather is quantized per row by _per_row_embedding
+QUANTIZED_OPS = ["MatMul"]  # the embedding's Gather is quantized per row by per_row_embedding
 
 
 def quantize_int8(src: Path, dst: Path, workdir: Path, feeds: list[dict[str, Any]], max_count: int) -> dict[str, int]:
@@ -50,7 +50,7 @@ def quantize_int8(src: Path, dst: Path, workdir: Path, feeds: list[dict[str, Any
             with contextlib.redirect_stdout(io.StringIO()):
                 quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
         except Exception as e:  # pre-processing is an optimisation; the raw graph also quantizes
-            log.debug("int8 pre-processing failed (%s); quantizing the raw graph", str(e).splitlines()[0])
+            log.debug("int8 pre-processing failed (%s); quantizing the raw graph", type(e).__name__)
             prep = src
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_dynamic(
