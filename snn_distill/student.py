@@ -424,7 +424,7 @@ class SpikingStudentLM(nn.Module):
         h, present = self._body(input_ids, past)
         return self._head(h), present
 
-    # ---- spike statistics (read by logging and evaluation) ----
+    # ---- int8 weights (QAT) ----
     def bake_int8_weights(self) -> None:
         """With QAT: store every weight matrix (embedding and head included) as its int8-rounded value and
         stop fake-quantizing. The model computes the same function without re-rounding its weights on
@@ -462,6 +462,7 @@ class SpikingStudentLM(nn.Module):
                     m.qat = True
             self.qat = True
 
+    # ---- spike statistics (read by logging and evaluation) ----
     def lif_modules(self) -> list[LIF]:
         return [m for m in self.modules() if isinstance(m, LIF)]
 

@@ -35,8 +35,9 @@ def quantize_int8(src: Path, dst: Path, workdir: Path, feeds: list[dict[str, Any
     above. `feeds`: sample inputs of the graph (name -> numpy array) to find the spike operands;
     `max_count`: the student's largest spike count T (0 for the ANN twin: no spike operands).
 
-    Pre-processing (shape inference + ONNX Runtime's basic graph optimisation) happens in `workdir`.
-    Returns {"exact_spike_matmuls": n, "embedding_bytes_saved": bytes}.
+    `src` should be the raw export, where the tied LM head is a constant: it gets quantized, and the
+    lookup can then share its int8 matrix. Pre-processing (shape inference + ONNX Runtime's basic graph
+    optimisation) happens in `workdir`. Returns {"exact_spike_matmuls": n, "embedding_bytes_saved": bytes}.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -798,8 +798,9 @@ def _export_int8(st: _Staging, out: Path, model_dir: Path, decode_graph: bool) -
         int8_exact_spike_matmuls=passes["exact_spike_matmuls"],
     )  # fmt: skip
     log.info(
-        "int8: %.2f MB -> %.2f MB, top-1 agreement %.3f, mean KL(fp32||int8) %.4g on %s",
-        res["size_mb"], res["int8_size_mb"], agree["top1_agreement"], agree["mean_kl"], res["int8_sample"],
+        "int8: %.2f MB -> %.2f MB, %d matmuls read spike codes exactly, top-1 agreement %.3f, mean KL(fp32||int8)"
+        " %.4g on %s", res["size_mb"], res["int8_size_mb"], passes["exact_spike_matmuls"], agree["top1_agreement"],
+        agree["mean_kl"], res["int8_sample"],
     )  # fmt: skip
     if decode_graph:
         qd = sibling_path(out, "decode.int8")
