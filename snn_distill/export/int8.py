@@ -86,10 +86,12 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
 def spike_operands(proto, feeds: list[dict[str, Any]], max_count: int) -> list[str]:
     """Names of the DynamicQuantizeLinear inputs that were spike codes (integers in -max_count..max_count)
     on every one of `feeds`."""
-    import numpy as np
     import onnx
     import onnxruntime as ort
+    import torch
     from onnx import helper
+
+    from ..energy import is_spike_code
 
     names = [n.input[0] for n in proto.graph.node if n.op_type == "DynamicQuantizeLinear"]
     if not names or not feeds:
@@ -104,7 +106,7 @@ def spike_operands(proto, feeds: list[dict[str, Any]], max_count: int) -> list[s
     spiking = dict.fromkeys(names, True)
     for feed in feeds:
         for name, x in zip(names, sess.run(names, feed)):
-            spiking[name] &= bool(np.all(np.abs(x) <= max_count) and np.array_equal(x, np.round(x)))
+            spiking[name] &= is_spike_code(torch.from_numpy(x), max_count)
     return [n for n in names if spiking[n]]
 
 
