@@ -271,6 +271,21 @@ def student_activation_values(
     return 8.5 * dim + 2.5 * q + 2.0 * hidden, 1.0 * dim
 
 
+def autocast_name(dev: str) -> str | None:
+    """The student's autocast dtype on `dev` as training picks it (precision.autocast_dtype): None off
+    CUDA; "fp16" on a visible GPU without native bf16 (T4, V100); "bf16" otherwise, also when planning
+    on a machine without the GPU."""
+    if not dev.startswith("cuda"):
+        return None
+    import torch
+
+    from .precision import autocast_dtype
+
+    if torch.cuda.is_available() and autocast_dtype(torch.device(dev)) == torch.float16:
+        return "fp16"
+    return "bf16"
+
+
 def plan_memory(
     cfg: Any,
     student_args: dict[str, Any],
@@ -302,8 +317,8 @@ def plan_memory(
     b, s, v, d = cfg.batch_size, cfg.max_length, teacher.vocab_size, scfg.dim
     n_tok = b * s  # real tokens per micro-batch, at most
     chunk = min(cfg.loss_chunk_tokens, n_tok)
-    autocast = dev == "cuda"
-    act_bytes = 2.5 if autocast else 4.0  # bf16 autocast saves mostly bf16 tensors; norms stay fp32
+    autocast = autocast_name(dev)
+    act_bytes = 2.5 if autocast else 4.0  # 16-bit autocast saves mostly 16-bit tensors; norms stay fp32
 
     eff = cfg.batch_size * cfg.grad_accum_steps * world_size
     summary = [
@@ -313,7 +328,7 @@ def plan_memory(
         f"student {scfg.student_type} dim {d} depth {scfg.depth} heads {scfg.num_heads} "
         f"T={scfg.num_timesteps if scfg.spiking else 1}{' count-coded (1 pass)' if scfg.count_coded else ''} "
         f"({_fmt_n(s_params)} parameters{', gradient checkpointing' if scfg.gradient_checkpointing else ''}"
-        f"{', bf16 autocast' if autocast else ', fp32'}) on {dev}",
+        f"{f', {autocast} autocast' if autocast else ', fp32'}) on {dev}",
         f"batch {b} x max-length {s}, grad-accum {cfg.grad_accum_steps}, {world_size} process(es): effective batch "
         f"{eff} sequences ({eff * s} tokens) per optimizer step; loss chunk {cfg.loss_chunk_tokens} tokens",
     ]

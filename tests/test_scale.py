@@ -362,6 +362,25 @@ def test_dry_run_prints_the_plan_without_loading_weights(tiny_teacher_dir, capsy
     assert err.startswith("error:") and "unknown offline" in err and err.count("\n") == 0
 
 
+def test_plan_names_the_autocast_that_training_uses():
+    import torch
+
+    from snn_distill.memory_plan import autocast_name
+    from snn_distill.precision import autocast_dtype
+
+    assert autocast_name("cpu") is None
+    cuda = torch.device("cuda")
+    # with a GPU visible the plan names what training will pick (fp16 on GPUs without bf16); without
+    # one it plans for bf16
+    expected = {torch.float16: "fp16"}.get(autocast_dtype(cuda), "bf16") if torch.cuda.is_available() else "bf16"
+    assert autocast_name("cuda") == autocast_name("cuda:0") == expected
+    cfg = TrainConfig(teacher_model="meta-llama/Llama-3.2-3B", batch_size=4, max_length=512)
+    gpu = plan_memory(cfg, {"num_timesteps": 8}, device="cuda").summary
+    cpu = plan_memory(cfg, {"num_timesteps": 8}, device="cpu").summary
+    assert any(f", {expected} autocast) on cuda" in line for line in gpu)
+    assert any(", fp32) on cpu" in line for line in cpu) and not any("autocast" in line for line in cpu)
+
+
 def test_plan_figures_follow_the_configs(tiny_teacher_dir):
     cfg = TrainConfig(teacher_model="meta-llama/Llama-3.2-3B", batch_size=4, max_length=512, grad_accum_steps=8)
     plan = plan_memory(cfg, {"num_timesteps": 8})
