@@ -26,7 +26,7 @@ def agreement(folder: Path, texts: list[str]) -> dict[str, float]:
     import numpy as np
     import onnxruntime as ort
 
-    from snn_distill.export.onnx import _agreement
+    from snn_distill.export.onnx import logit_agreement
     from snn_distill.tokenizer import resolve_tokenizer
 
     tok, _ = resolve_tokenizer(None, folder, None, strict=True)
@@ -39,7 +39,7 @@ def agreement(folder: Path, texts: list[str]) -> dict[str, float]:
         ids = np.array([tok.encode(text)], dtype=np.int64)
         a.append(fp32.run(["logits"], {"input_ids": ids})[0][0].astype(np.float64))
         b.append(int8.run(["logits"], {"input_ids": ids})[0][0].astype(np.float64))
-    return {"positions": sum(len(x) for x in a), **_agreement(np.concatenate(a), np.concatenate(b))}
+    return {"positions": sum(len(x) for x in a), **logit_agreement(np.concatenate(a), np.concatenate(b))}
 
 
 def main(argv: list[str] | None = None) -> int:

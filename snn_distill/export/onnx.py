@@ -545,10 +545,11 @@ def int8_agreement(fp32: Path, int8: Path, ids) -> dict[str, float]:
 
     a = _ort_session(fp32).run(["logits"], {"input_ids": ids.numpy()})[0].astype(np.float64)
     b = _ort_session(int8).run(["logits"], {"input_ids": ids.numpy()})[0].astype(np.float64)
-    return _agreement(a, b)
+    return logit_agreement(a, b)
 
 
-def _agreement(a, b) -> dict[str, float]:
+def logit_agreement(a, b) -> dict[str, float]:
+    """Top-1 agreement and mean KL(a || b) of two numpy logit arrays [..., V] over their positions."""
     import numpy as np
 
     def log_softmax(x):
